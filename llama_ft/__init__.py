@@ -1,0 +1,1 @@
+"""llama_ft: fine-tune Llama on CNN/DailyMail with Lightning."""

@@ -1,0 +1,49 @@
+"""Resolve a model config given as a preset name (a file stem in ``configs/models``) or a JSON path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+from llama_ft.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_llama_config(name_or_path: str | Path) -> LlamaConfig:
+    """Return the ``LlamaConfig`` a preset name, a config JSON or a checkpoint directory describes.
+
+    Anything that is not a Llama architecture is refused here, before weights or data are touched.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if (PRESETS_DIR / f"{text}.json").is_file():
+        path = PRESETS_DIR / f"{text}.json"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"model config {text!r} is neither a preset nor a file. "
+            f"Use one of the presets {preset_names()} or a path to a LlamaConfig JSON / checkpoint directory."
+        )
+    config = PretrainedConfig.get_config_dict(str(path))[0]
+    return as_llama_config(config, source=str(path))
+
+
+def as_llama_config(config: dict | PretrainedConfig, source: str) -> LlamaConfig:
+    """Check that ``config`` describes a Llama model and return it as a ``LlamaConfig``."""
+    as_dict = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+    model_type = as_dict.get("model_type")
+    if model_type != "llama":
+        raise ConfigError(
+            f"{source} describes a {model_type!r} model, but llama_ft fine-tunes Llama-architecture models only "
+            f"(model_type 'llama'). Pick a Llama checkpoint or one of the presets {preset_names()}."
+        )
+    if isinstance(config, LlamaConfig):
+        return config
+    return AutoConfig.for_model(**as_dict)
