@@ -1,0 +1,5 @@
+"""CNN/DailyMail data: sources, prompt template, batching and the LightningDataModule."""
+
+from llama_ft.data.datamodule import CNNDailyMailDataModule
+
+__all__ = ["CNNDailyMailDataModule"]

@@ -28,7 +28,9 @@ class Layout:
             if getattr(self, name) < 1:
                 raise ValueError(f"Layout.{name} must be >= 1, got {getattr(self, name)}")
         if self.activation_checkpointing not in AC_MODES:
-            raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {self.activation_checkpointing!r}")
+            raise ValueError(
+                f"activation_checkpointing must be one of {AC_MODES}, got {self.activation_checkpointing!r}"
+            )
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,87 @@
+"""Find the data set and tokenizer a recipe names — a hub id or a local directory, one code path — and
+refuse unusable ones with a message that says how to fix them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llama_ft.errors import DataError
+
+SAMPLE_ALIAS = "sample"
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample"
+REQUIRED_COLUMNS = ("article", "highlights", "id")
+DATASET_CONFIG = "3.0.0"
+
+
+def resolve_dataset_source(name: str) -> str:
+    """Map the ``sample`` alias to the bundled folder; check that a local-looking path exists."""
+    if name == SAMPLE_ALIAS:
+        return str(SAMPLE_ROOT / "cnn_dailymail")
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise DataError(
+            f"dataset path {name!r} does not exist. Point data.dataset at a directory laid out like the hub "
+            f"repository (README.md + {DATASET_CONFIG}/*.parquet), at the hub id 'abisee/cnn_dailymail', or use "
+            f"'{SAMPLE_ALIAS}' for the bundled sample."
+        )
+    return str(Path(name).expanduser()) if _looks_local(name) else name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).exists()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_splits(name: str, splits: tuple[str, ...]) -> datasets.DatasetDict:
+    """Load CNN/DailyMail 3.0.0 (or a folder shaped like it) and check columns and emptiness."""
+    source = resolve_dataset_source(name)
+    try:
+        loaded = datasets.load_dataset(source, DATASET_CONFIG)
+    except DataError:
+        raise
+    except Exception as err:
+        if _looks_local(source):
+            raise DataError(
+                f"could not load {source!r} as CNN/DailyMail {DATASET_CONFIG}: {err}. The folder needs a README.md "
+                f"whose YAML 'configs:' names {DATASET_CONFIG}, and {DATASET_CONFIG}/<split>-*.parquet files."
+            ) from err
+        where = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if _offline() else "the Hub is unreachable"
+        raise DataError(
+            f"cannot load dataset {source!r}: {where} ({type(err).__name__}). Download the repository on a "
+            f"machine with access (e.g. `huggingface-cli download {source} --repo-type dataset --local-dir DIR`) "
+            f"and set data.dataset=DIR, or use data.dataset={SAMPLE_ALIAS} for the bundled sample."
+        ) from err
+    missing_splits = [s for s in splits if s not in loaded]
+    if missing_splits:
+        raise DataError(f"dataset {source!r} has no split(s) {missing_splits}; it has {list(loaded)}.")
+    for split in splits:
+        columns = loaded[split].column_names
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise DataError(
+                f"split {split!r} of {source!r} lacks column(s) {missing}; found {columns}. CNN/DailyMail "
+                f"{DATASET_CONFIG} rows need {list(REQUIRED_COLUMNS)}."
+            )
+        if len(loaded[split]) == 0:
+            raise DataError(f"split {split!r} of {source!r} is empty; it needs at least one (article, highlights) row.")
+    return loaded
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or local directory (``sample`` = the bundled one); never runs remote code."""
+    source = str(SAMPLE_ROOT / "tokenizer") if name == SAMPLE_ALIAS else name
+    if _looks_local(source) and not Path(source).expanduser().exists():
+        raise DataError(f"tokenizer path {source!r} does not exist; set data.tokenizer to a tokenizer directory.")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception as err:
+        raise DataError(
+            f"cannot load tokenizer {source!r} ({type(err).__name__}: {err}). Use a local tokenizer directory "
+            f"or '{SAMPLE_ALIAS}' for the bundled one."
+        ) from err

@@ -1,0 +1,87 @@
+"""Moving Llama weights between Hugging Face files and (possibly sharded) in-memory models.
+
+Sharded models hold DTensor parameters; the ``torch.distributed.checkpoint.state_dict`` helpers gather or
+scatter them, so the same functions serve a single process, DDP, FSDP2 and tensor parallel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_ft.errors import ConfigError
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory (single file or sharded with an index)."""
+    directory = Path(directory)
+    if (directory / _SINGLE_FILE).is_file():
+        return load_file(directory / _SINGLE_FILE)
+    if (directory / _INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((directory / _INDEX_FILE).read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(directory / shard))
+        return state
+    raise ConfigError(
+        f"{directory} holds no {_SINGLE_FILE} or {_INDEX_FILE}; llama_ft loads safetensors weights only "
+        "(safe by default). Convert the checkpoint with transformers' save_pretrained(safe_serialization=True)."
+    )
+
+
+def load_full_weights(model: PreTrainedModel, directory: str | Path) -> None:
+    """Fill a materialized (possibly sharded) model with a checkpoint's weights; rank 0 reads, others receive."""
+    full = read_safetensors(directory) if _is_rank_zero() else {}
+    full = {k: v for k, v in full.items() if not k.endswith("rotary_emb.inv_freq")}
+    if model.config.tie_word_embeddings:
+        full.pop("lm_head.weight", None)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    incompatible = set_model_state_dict(model, full, options=options)
+    expected_missing = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = set(getattr(incompatible, "missing_keys", [])) - expected_missing
+    if missing:
+        raise ConfigError(f"checkpoint {directory} lacks weights for {sorted(missing)[:5]}…; is it a Llama checkpoint?")
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU (complete on rank 0 when sharded; every rank must call this)."""
+    if not _is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf_directory(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
+) -> Path | None:
+    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``.
+
+    Collective when the model is sharded: every rank must call it; rank 0 writes.
+    """
+    state = full_state_dict(model)
+    if not _is_rank_zero():
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
