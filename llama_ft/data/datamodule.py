@@ -43,6 +43,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         val_every_n_steps: optimizer steps between validations (converted to Lightning's ``val_check_interval``).
         max_examples_per_split: cap on rows per split, for quick runs.
         min_article_tokens: examples whose summary leaves less room than this for the article are dropped.
+        num_proc: processes for tokenization (``Dataset.map``).
+        cache_dir: where ``datasets`` keeps Arrow files and the tokenization cache (default: its own).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         min_article_tokens: int = 16,
         num_workers: int = 0,
         num_proc: int | None = None,
+        cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -83,6 +86,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self.min_article_tokens = min_article_tokens
         self.num_workers = num_workers
         self.num_proc = num_proc
+        self.cache_dir = cache_dir
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: dict[str, datasets.Dataset] = {}
@@ -118,7 +122,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             self._apply_global_batch()
 
     def _tokenized(self, split: str, announce: bool) -> datasets.Dataset:
-        raw = load_splits(self.dataset, (split,))[split]
+        raw = load_splits(self.dataset, (split,), self.cache_dir)[split]
         if self.max_examples_per_split is not None:
             raw = raw.select(range(min(self.max_examples_per_split, len(raw))))
         self._check_budget(raw, split)

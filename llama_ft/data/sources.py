@@ -38,11 +38,11 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def load_splits(name: str, splits: tuple[str, ...]) -> datasets.DatasetDict:
+def load_splits(name: str, splits: tuple[str, ...], cache_dir: str | None = None) -> datasets.DatasetDict:
     """Load CNN/DailyMail 3.0.0 (or a folder shaped like it) and check columns and emptiness."""
     source = resolve_dataset_source(name)
     try:
-        loaded = datasets.load_dataset(source, DATASET_CONFIG)
+        loaded = datasets.load_dataset(source, DATASET_CONFIG, cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:
