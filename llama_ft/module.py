@@ -197,6 +197,13 @@ class LlamaFineTuner(L.LightningModule):
         self.log("val_loss", self.val_loss, prog_bar=True, on_epoch=True, on_step=False)
         self.log("val_perplexity", self.val_perplexity, on_epoch=True, on_step=False)
 
+    def on_validation_end(self) -> None:
+        """One line per validation, so a run's log shows the loss curve without a dashboard."""
+        if self.trainer.sanity_checking or "val_loss" not in self.trainer.callback_metrics:
+            return
+        loss = float(self.trainer.callback_metrics["val_loss"])
+        rank_zero_info(f"step {self.trainer.global_step}: val_loss {loss:.4f}")
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_loss(self.test_loss, batch)
         summaries = self.generate_summaries(batch)
