@@ -135,7 +135,7 @@ class LlamaFineTuner(L.LightningModule):
                 _resolve_local_checkpoint(self.hparams.model_name_or_path),
                 config=self.llama_config,
                 dtype=torch.get_default_dtype(),
-            )
+            ).train()
         else:
             self.model = LlamaForCausalLM(self.llama_config)
         self.model.config.use_cache = False

@@ -182,7 +182,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         trainer = self.trainer
         accumulation = grad_accumulation(self.global_batch_size, self.micro_batch_size, self._replicas()[0])
         trainer.accumulate_grad_batches = accumulation
-        if self.val_every_n_steps is not None:
+        if self.val_every_n_steps is not None and not trainer.fast_dev_run:
             trainer.val_check_interval = self.val_every_n_steps * accumulation
         rank_zero_info(
             f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} × "

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llama_ft.errors import DataError
@@ -38,9 +39,44 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def check_local_parquet(root: Path, splits: tuple[str, ...]) -> None:
+    """Read only parquet footers: a missing, empty or wrongly shaped split fails before anything is converted.
+
+    Every split present is checked, not just the requested ones, because ``load_dataset`` converts them all.
+    """
+    present = {f.name.split("-")[0] for f in (root / DATASET_CONFIG).glob("*.parquet")}
+    for split in sorted(present | set(splits)):
+        files = sorted((root / DATASET_CONFIG).glob(f"{split}-*.parquet"))
+        if not files:
+            raise DataError(
+                f"{root} has no {DATASET_CONFIG}/{split}-*.parquet files; a folder laid out like the hub repository "
+                f"has one or more per split (train, validation, test)."
+            )
+        metadata = [pq.read_metadata(f) for f in files]
+        columns = metadata[0].schema.to_arrow_schema().names
+        _check_columns(columns, split, str(root))
+        if sum(m.num_rows for m in metadata) == 0:
+            raise _empty_split(split, str(root))
+
+
+def _check_columns(columns: list[str], split: str, source: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(
+            f"split {split!r} of {source!r} lacks column(s) {missing}; found {columns}. CNN/DailyMail "
+            f"{DATASET_CONFIG} rows need {list(REQUIRED_COLUMNS)}."
+        )
+
+
+def _empty_split(split: str, source: str) -> DataError:
+    return DataError(f"split {split!r} of {source!r} is empty; it needs at least one (article, highlights) row.")
+
+
 def load_splits(name: str, splits: tuple[str, ...], cache_dir: str | None = None) -> datasets.DatasetDict:
     """Load CNN/DailyMail 3.0.0 (or a folder shaped like it) and check columns and emptiness."""
     source = resolve_dataset_source(name)
+    if _looks_local(source) and (Path(source) / DATASET_CONFIG).is_dir():
+        check_local_parquet(Path(source), splits)
     try:
         loaded = datasets.load_dataset(source, DATASET_CONFIG, cache_dir=cache_dir)
     except DataError:
@@ -61,15 +97,9 @@ def load_splits(name: str, splits: tuple[str, ...], cache_dir: str | None = None
     if missing_splits:
         raise DataError(f"dataset {source!r} has no split(s) {missing_splits}; it has {list(loaded)}.")
     for split in splits:
-        columns = loaded[split].column_names
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(
-                f"split {split!r} of {source!r} lacks column(s) {missing}; found {columns}. CNN/DailyMail "
-                f"{DATASET_CONFIG} rows need {list(REQUIRED_COLUMNS)}."
-            )
+        _check_columns(loaded[split].column_names, split, source)
         if len(loaded[split]) == 0:
-            raise DataError(f"split {split!r} of {source!r} is empty; it needs at least one (article, highlights) row.")
+            raise _empty_split(split, source)
     return loaded
 
 
