@@ -238,6 +238,8 @@ class LlamaFineTuner(L.LightningModule):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=self.trainer.datamodule.pad_token_id,
             use_cache=True,
+            # Sharded models run collectives in every forward: all ranks decode until the last one is done.
+            synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
         )
         return [t.strip() for t in tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)]
 

@@ -1,0 +1,197 @@
+"""``strategy="advanced"``: plan the parallel layout for the world Lightning launched, then apply it.
+
+The LightningModule is expected to expose ``llama_config`` (a ``LlamaConfig``), to build ``self.model`` (a
+``LlamaForCausalLM``) in ``configure_model`` and, optionally, ``initialize_weights()`` to fill the model once it is
+sharded and materialized. The recipe's sequence length, global batch and micro-batch are read from the data
+module (``max_length``, ``global_batch_size``, ``micro_batch_size``); the plan's micro-batch is written back there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
+
+from llama_ft.errors import ConfigError
+from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
+from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
+from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+
+Auto = Literal["auto"]
+PLAN_FILENAME = "plan.json"
+
+# FSDP2 mixed-precision policy per Lightning precision: (compute/param dtype, gradient reduce dtype).
+_MIXED_PRECISION = {
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+    "16-mixed": (torch.float16, torch.float32),
+}
+
+
+def _pin(value: Any) -> Any:
+    return None if value == "auto" else value
+
+
+class AdvancedParallelStrategy(ModelParallelStrategy):
+    """Chooses DDP / FSDP / HSDP / TP / FSDP×TP, activation checkpointing and micro-batch, then applies them.
+
+    Every knob is ``"auto"`` unless pinned; a pin that cannot work fails at planning time with the values that
+    would. Cluster overrides (``accelerator_name`` or ``device_memory_gib`` + ``peak_tflops``) describe devices the
+    detection does not know.
+    """
+
+    strategy_name = "advanced"
+
+    def __init__(
+        self,
+        tp_size: int | Auto = "auto",
+        dp_shard_size: int | Auto = "auto",
+        dp_replicate_size: int | Auto = "auto",
+        activation_checkpointing: Literal["none", "selective", "full", "auto"] = "auto",
+        micro_batch_size: int | Auto = "auto",
+        cpu_offload: bool | Auto = "auto",
+        memory_fraction: float = 0.9,
+        accelerator_name: str | None = None,
+        device_memory_gib: float | None = None,
+        peak_tflops: float | None = None,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.pins = PlanPins(
+            tp_size=_pin(tp_size),
+            dp_shard_size=_pin(dp_shard_size),
+            dp_replicate_size=_pin(dp_replicate_size),
+            activation_checkpointing=_pin(activation_checkpointing),
+            micro_batch_size=_pin(micro_batch_size),
+            cpu_offload=_pin(cpu_offload),
+        )
+        self.memory_fraction = memory_fraction
+        self.accelerator_name = accelerator_name
+        self.device_memory_gib = device_memory_gib
+        self.peak_tflops = peak_tflops
+        self.plan_result: PlanResult | None = None
+
+    # ------------------------------------------------------------------------------------------- planning
+    def setup_environment(self) -> None:
+        """Init the process group, plan for the world it spans, build the mesh the plan needs."""
+        self._setup_distributed()
+        # Every rank plans (so a bad pin fails everywhere at once), then all adopt rank 0's plan, so floating-point
+        # near-ties can never split the ranks between two layouts.
+        self.plan_result = self.broadcast(self.make_plan())
+        plan = self.plan_result.chosen
+        self._device_mesh = build_device_mesh(plan.layout, self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+        datamodule = self._datamodule()
+        if datamodule is not None:
+            datamodule.micro_batch_size = plan.micro_batch_size
+        self._report(self.plan_result)
+
+    def make_plan(self) -> PlanResult:
+        return plan_parallelism(
+            ModelSpec.from_llama_config(self._llama_config()),
+            self.cluster_spec(),
+            self.train_spec(),
+            pins=self.pins,
+            memory_fraction=self.memory_fraction,
+        )
+
+    def cluster_spec(self) -> ClusterSpec:
+        if self.device_memory_gib is not None or self.peak_tflops is not None:
+            if self.device_memory_gib is None or self.peak_tflops is None:
+                raise ConfigError("describe an unknown device with both device_memory_gib and peak_tflops.")
+            return ClusterSpec.describe_device(
+                self.device_memory_gib, self.peak_tflops, nodes=self.num_nodes, devices_per_node=self.num_processes
+            )
+        return ClusterSpec.detect(self.num_nodes, self.num_processes, accelerator_override=self.accelerator_name)
+
+    def train_spec(self) -> TrainSpec:
+        datamodule = self._datamodule()
+        missing = [k for k in ("max_length", "global_batch_size") if not hasattr(datamodule, k)]
+        if missing:
+            raise ConfigError(
+                f"the advanced strategy plans from the data module's {missing}; use CNNDailyMailDataModule or give "
+                f"your data module those attributes (sequence length, examples per optimizer step)."
+            )
+        return TrainSpec(
+            seq_len=datamodule.max_length,
+            global_batch_size=datamodule.global_batch_size,
+            precision=self.precision_plugin.precision,
+        )
+
+    def _llama_config(self) -> Any:
+        config = getattr(self.lightning_module, "llama_config", None)
+        if config is None:
+            raise ConfigError(
+                f"the advanced strategy needs the LightningModule to expose `llama_config`; "
+                f"{type(self.lightning_module).__name__} does not. Use LlamaFineTuner or add the attribute."
+            )
+        return config
+
+    def _datamodule(self) -> Any:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return getattr(trainer, "datamodule", None)
+
+    def _report(self, result: PlanResult) -> None:
+        """Rank 0 logs the report and writes plan.json beside the run's logs."""
+        trainer = self.lightning_module.trainer
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank asks
+        if self.global_rank != 0:
+            return
+        rank_zero_info(format_plan_report(result))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / PLAN_FILENAME).write_text(json.dumps(plan_result_to_dict(result), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------- applying
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Build on the meta device so no rank ever holds the unsharded model; ``setup`` materializes."""
+        with torch.device("meta") if empty_init is not False else nullcontext(), \
+                self.precision_plugin.tensor_init_context():
+            yield
+
+    def setup(self, trainer: L.Trainer) -> None:
+        model = getattr(self.lightning_module, "model", None)
+        if model is None:
+            raise ConfigError(
+                f"{type(self.lightning_module).__name__}.configure_model() must set `self.model` (a "
+                "LlamaForCausalLM) for the advanced strategy to parallelize."
+            )
+        assert self.plan_result is not None
+        param_dtype, reduce_dtype = _MIXED_PRECISION.get(self.precision_plugin.precision, (None, None))
+        apply_layout(model, self.plan_result.chosen.layout, self.device_mesh, param_dtype=param_dtype,
+                     reduce_dtype=reduce_dtype)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            materialize(model, self.root_device)
+            initialize = getattr(self.lightning_module, "initialize_weights", None)
+            if initialize is None:
+                raise ConfigError(
+                    f"{type(self.lightning_module).__name__} built its model on the meta device but has no "
+                    "initialize_weights() to fill it after sharding."
+                )
+            initialize()
+        super().setup(trainer)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="plans and applies the parallel layout (llama_ft)", override=True
+        )
+
+
+AdvancedParallelStrategy.register_strategies(StrategyRegistry)

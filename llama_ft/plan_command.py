@@ -1,0 +1,201 @@
+"""``python main.py plan``: show the parallel layout the planner would choose for a recipe on a cluster.
+
+Nothing is built or loaded but the model's config: this runs on a laptop for any cluster size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llama_ft.errors import ConfigError, PlanError
+from llama_ft.parallel.accelerators import accelerator_names
+from llama_ft.parallel.planner import PlanPins, plan_parallelism
+from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
+from llama_ft.presets import load_llama_config
+
+PIN_KEYS = ("tp_size", "dp_shard_size", "dp_replicate_size", "activation_checkpointing", "micro_batch_size",
+            "cpu_offload")
+AUTO = ("auto", "none", "null", "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py plan",
+        description="Predict memory and speed of every parallel layout for a recipe on a cluster and pick one.",
+    )
+    parser.add_argument("--config", help="recipe YAML (LightningCLI format)")
+    parser.add_argument("--model", help="model preset name or LlamaConfig JSON / checkpoint directory")
+    parser.add_argument("--nodes", type=int, help="number of nodes (default: trainer.num_nodes or 1)")
+    parser.add_argument("--devices", type=int, help="devices per node (default: trainer.devices)")
+    parser.add_argument("--gpu", help=f"accelerator: one of {accelerator_names()} (default: detect this machine's)")
+    parser.add_argument("--gpu_memory_gib", type=float, help="memory of a device not in the table, GiB")
+    parser.add_argument("--gpu_tflops", type=float, help="dense bf16 peak of a device not in the table, TFLOP/s")
+    parser.add_argument("--seq_len", type=int, help="sequence length (default: data.max_length)")
+    parser.add_argument("--global_batch_size", type=int, help="sequences per optimizer step")
+    parser.add_argument("--precision", help="Lightning precision (default: trainer.precision)")
+    parser.add_argument("--memory_fraction", type=float, help="usable share of device memory (default 0.9)")
+    parser.add_argument("--tp_size", type=int, help="pin the tensor-parallel size")
+    parser.add_argument("--dp_shard_size", type=int, help="pin the FSDP shard-group size")
+    parser.add_argument("--dp_replicate_size", type=int, help="pin the number of replicas")
+    parser.add_argument("--activation_checkpointing", choices=["none", "selective", "full"], help="pin checkpointing")
+    parser.add_argument("--micro_batch_size", type=int, help="pin the micro-batch size")
+    parser.add_argument("--cpu_offload", choices=["true", "false"], help="force or forbid CPU offload")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--top", type=int, help="candidates to show (text default 10; JSON default all)")
+    return parser
+
+
+# =============================================================================================================
+# Recipe access (LightningCLI YAML: ``model: {init_args: {...}}`` or ``model: {...}``)
+# =============================================================================================================
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Read a recipe YAML as plain data; nothing in it is executed."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe {path!r} does not exist; pass a LightningCLI YAML such as configs/default.yaml.")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path!r} must be a YAML mapping with model/data/trainer sections.")
+    return data
+
+
+def section_value(recipe: dict[str, Any], section: str, key: str) -> Any:
+    """``recipe[section][key]`` or ``recipe[section]["init_args"][key]``, whichever the YAML uses; None if neither."""
+    block = recipe.get(section)
+    if not isinstance(block, dict):
+        return None
+    if key in block:
+        return block[key]
+    init_args = block.get("init_args")
+    return init_args.get(key) if isinstance(init_args, dict) else None
+
+
+def _is_auto(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in AUTO)
+
+
+def strategy_pins(recipe: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Pins the recipe's ``trainer.strategy`` implies, and whether it is the advanced (planning) strategy."""
+    strategy = section_value(recipe, "trainer", "strategy")
+    if isinstance(strategy, dict):
+        class_path = str(strategy.get("class_path", ""))
+        args = strategy.get("init_args") or {}
+        pins = {k: args[k] for k in (*PIN_KEYS, "memory_fraction") if k in args and not _is_auto(args[k])}
+        return pins, "advanced" in class_path.lower()
+    name = str(strategy or "auto").lower()
+    if name.startswith("ddp"):
+        return {"dp_shard_size": 1, "tp_size": 1}, False
+    if name.startswith("fsdp"):
+        return {"dp_replicate_size": 1, "tp_size": 1}, False
+    return {}, name == "advanced"
+
+
+def _devices_from_recipe(recipe: dict[str, Any]) -> int | None:
+    """An int, a digit string or a device list gives a count; "auto"/-1 leave it to the flag."""
+    devices = section_value(recipe, "trainer", "devices")
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    return None
+
+
+def resolve_model(args: argparse.Namespace, recipe: dict[str, Any], recipe_dir: Path | None) -> ModelSpec:
+    """Architecture from --model, else model_config, else a local model_name_or_path directory."""
+    source = args.model or section_value(recipe, "model", "model_config")
+    if source is None:
+        weights = section_value(recipe, "model", "model_name_or_path")
+        if weights is not None and Path(str(weights)).is_dir():
+            source = weights
+        elif weights is not None:
+            raise ConfigError(
+                f"the recipe names weights {weights!r} but no model_config, and that is not a local directory; "
+                "the hub cannot be read here. Pass --model with a preset name or a config.json path."
+            )
+    if source is None:
+        raise ConfigError("no model: pass --model PRESET_OR_CONFIG_JSON, or --config with model.model_config.")
+    text = str(source)
+    if recipe_dir is not None and not Path(text).exists() and (recipe_dir / text).exists():
+        text = str(recipe_dir / text)  # a path written relative to the recipe file
+    name = text if "/" not in text and not text.endswith(".json") else Path(text).stem
+    return ModelSpec.from_llama_config(load_llama_config(text), name=name)
+
+
+def resolve_train(args: argparse.Namespace, recipe: dict[str, Any]) -> TrainSpec:
+    seq_len = args.seq_len or section_value(recipe, "data", "max_length")
+    global_batch = args.global_batch_size or section_value(recipe, "data", "global_batch_size")
+    if seq_len is None or global_batch is None:
+        raise ConfigError(
+            "sequence length and global batch size are needed: set data.max_length and data.global_batch_size in "
+            "the recipe, or pass --seq_len and --global_batch_size."
+        )
+    precision = args.precision or section_value(recipe, "trainer", "precision")
+    if precision is None:  # Lightning's own default is 32-true; without a recipe assume the usual bf16-mixed
+        precision = "32-true" if recipe.get("trainer") else "bf16-mixed"
+    return TrainSpec(int(seq_len), int(global_batch), normalize_precision(precision))
+
+
+def resolve_cluster(args: argparse.Namespace, recipe: dict[str, Any]) -> ClusterSpec:
+    nodes = args.nodes or section_value(recipe, "trainer", "num_nodes") or 1
+    devices = args.devices or _devices_from_recipe(recipe)
+    if devices is None:
+        raise ConfigError("devices per node unknown: pass --devices D (or set trainer.devices to a number).")
+    if args.gpu_memory_gib or args.gpu_tflops:
+        if not (args.gpu_memory_gib and args.gpu_tflops):
+            raise ConfigError("a device not in the table needs both --gpu_memory_gib and --gpu_tflops.")
+        return ClusterSpec.describe_device(args.gpu_memory_gib, args.gpu_tflops, int(nodes), devices,
+                                           name=args.gpu or "custom")
+    if args.gpu:
+        return ClusterSpec.from_accelerator(args.gpu, int(nodes), devices)
+    return ClusterSpec.detect(int(nodes), devices)
+
+
+def resolve_pins(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[PlanPins, float]:
+    """Strategy pins from the recipe, then flags on top; plus the memory fraction."""
+    pins, advanced = strategy_pins(recipe)
+    recipe_micro_batch = section_value(recipe, "data", "micro_batch_size")
+    if not advanced and isinstance(recipe_micro_batch, int) and "micro_batch_size" not in pins:
+        pins["micro_batch_size"] = recipe_micro_batch  # a fixed strategy runs the recipe's micro-batch as written
+    for key in PIN_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            pins[key] = value
+    if isinstance(pins.get("cpu_offload"), str):
+        pins["cpu_offload"] = pins["cpu_offload"].strip().lower() == "true"
+    if isinstance(pins.get("activation_checkpointing"), bool):  # YAML true/false: full or none
+        pins["activation_checkpointing"] = "full" if pins["activation_checkpointing"] else "none"
+    fraction = args.memory_fraction or pins.pop("memory_fraction", None) or 0.9
+    return PlanPins(**{k: pins[k] for k in PIN_KEYS if k in pins}), float(fraction)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        recipe = load_recipe(args.config) if args.config else {}
+        recipe_dir = Path(args.config).resolve().parent if args.config else None
+        if not args.config and not args.model:
+            raise ConfigError("pass --config RECIPE.yaml or --model PRESET_OR_CONFIG_JSON.")
+        model = resolve_model(args, recipe, recipe_dir)
+        train = resolve_train(args, recipe)
+        cluster = resolve_cluster(args, recipe)
+        pins, fraction = resolve_pins(args, recipe)
+        result = plan_parallelism(model, cluster, train, pins, memory_fraction=fraction)
+    except (PlanError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan_result_to_dict(result, max_candidates=args.top), indent=2))
+    else:
+        print(format_plan_report(result, top=args.top or 10))
+    return 0

@@ -1,0 +1,252 @@
+"""The planner picks layouts that make sense, refuses what cannot work, and explains both."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama_ft.errors import PlanError
+from llama_ft.parallel.cost_model import (
+    DEFAULT_COEFFICIENTS,
+    GiB,
+    activation_bytes,
+    estimate_memory,
+    layer_saved_bytes_full,
+    layer_saved_bytes_no_checkpointing,
+    layer_saved_bytes_selective,
+    logits_bytes,
+)
+from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planner import (
+    NothingFitsError,
+    PlanPins,
+    plan_parallelism,
+    rank_plans,
+    smallest_fitting_cluster,
+    valid_tp_sizes,
+)
+from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.presets import load_llama_config
+
+
+def model(preset: str) -> ModelSpec:
+    return ModelSpec.from_llama_config(load_llama_config(preset), name=preset)
+
+
+def h100(nodes: int, devices: int = 8) -> ClusterSpec:
+    return ClusterSpec.from_accelerator("h100-80gb", nodes, devices)
+
+
+RECIPE = TrainSpec(seq_len=1024, global_batch_size=256, precision="bf16-mixed")
+
+
+def test_tiny_model_on_two_cpu_devices_plans_ddp():
+    result = plan_parallelism(model("llama-tiny"), ClusterSpec.from_accelerator("cpu", 1, 2), TrainSpec(256, 8))
+    layout = result.chosen.layout
+    assert (layout.dp_replicate, layout.dp_shard, layout.tp) == (2, 1, 1)
+    assert layout.activation_checkpointing == "none" and not layout.cpu_offload
+    assert result.chosen.micro_batch_size * result.chosen.grad_accumulation * 2 == 8
+
+
+def test_llama3_8b_on_one_h100_node_shards_data_parallel_without_tp():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    chosen = result.chosen
+    assert chosen.layout.dp_shard > 1 and chosen.layout.tp == 1
+    assert not chosen.layout.cpu_offload
+    assert chosen.peak_bytes < 0.9 * 80 * GiB
+    assert chosen.micro_batch_size * chosen.grad_accumulation * chosen.layout.dp_size == 256
+    assert 0.2 < chosen.mfu < 0.6  # plausible for an 8B model on H100 with FSDP
+    # plain DDP cannot hold 16 bytes/parameter of an 8B model on 80 GB, and says so
+    ddp = [r for r in result.rejected if r.layout and r.layout.kind == "DDP" and r.layout.tp == 1]
+    assert ddp and all(re.search(r"needs [\d.]+ GiB > 71\.7 GiB usable", r.reason) for r in ddp)
+
+
+def test_llama3_70b_on_one_node_offloads_or_names_a_cluster_that_fits():
+    try:
+        result = plan_parallelism(model("llama-3-70b"), h100(1), RECIPE)
+    except NothingFitsError as err:
+        assert err.smallest_cluster is not None
+        assert f"{err.smallest_cluster.nodes} nodes × 8" in str(err)
+        plan_parallelism(model("llama-3-70b"), err.smallest_cluster, RECIPE)
+    else:
+        assert result.chosen.layout.cpu_offload
+        assert result.chosen.memory.host_bytes > 100 * GiB  # the 16 B/param states now live on the host
+        assert all(p.layout.cpu_offload for p in result.candidates)  # offload only because nothing else fits
+
+
+def test_llama3_70b_without_offload_names_the_smallest_cluster_and_it_plans():
+    pins = PlanPins(cpu_offload=False)
+    with pytest.raises(NothingFitsError) as err:
+        plan_parallelism(model("llama-3-70b"), h100(1), RECIPE, pins)
+    bigger = err.value.smallest_cluster
+    assert bigger is not None and bigger.nodes > 1
+    message = str(err.value)
+    assert f"{bigger.nodes} nodes × 8 = {bigger.world_size} devices" in message
+    assert "Without the pins this cluster fits" in message and "CPU offload" in message
+    fits = plan_parallelism(model("llama-3-70b"), bigger, RECIPE, pins)
+    assert not fits.chosen.layout.cpu_offload
+    with pytest.raises(PlanError):  # and one node fewer really does not fit
+        plan_parallelism(model("llama-3-70b"), h100(bigger.nodes - 1), RECIPE, pins)
+
+
+def test_llama31_405b_on_64_nodes_uses_tensor_parallelism():
+    train = TrainSpec(1024, 1024, "bf16-mixed")  # 512 devices: tp=1 layouts exist at this batch, TP must win
+    result = plan_parallelism(model("llama-3.1-405b"), h100(64), train)
+    assert 1 < result.chosen.layout.tp <= 8
+    considered = [p.layout for p in result.candidates] + [r.layout for r in result.rejected if r.layout]
+    assert any(layout.tp == 1 for layout in considered)
+
+
+def test_planning_512_devices_returns_ranked_plans():
+    result = plan_parallelism(model("llama-3-70b"), h100(64), TrainSpec(1024, 1024))
+    assert result.chosen is result.candidates[0]
+    assert all(p.layout.world_size == 512 for p in result.candidates)
+    speeds = [p.tokens_per_s_per_device for p in result.candidates[1:]]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_pinned_tp_that_does_not_divide_kv_heads_is_refused_with_valid_sizes():
+    with pytest.raises(PlanError) as err:
+        plan_parallelism(model("llama-tiny"), ClusterSpec.from_accelerator("cpu", 1, 4), TrainSpec(256, 8),
+                         PlanPins(tp_size=4))
+    message = str(err.value)
+    assert "tp_size=4 does not divide num_key_value_heads=2" in message
+    assert "valid tp sizes on this cluster" in message and "[1, 2]" in message
+    with pytest.raises(PlanError, match=r"tp_size=3 .*num_key_value_heads=8.*\[1, 2, 4, 8\]"):
+        plan_parallelism(model("llama-3-8b"), h100(1), RECIPE, PlanPins(tp_size=3))
+
+
+def test_pinned_micro_batch_that_does_not_divide_the_global_batch_is_refused():
+    with pytest.raises(PlanError) as err:
+        plan_parallelism(model("llama-3-8b"), h100(1), RECIPE, PlanPins(micro_batch_size=3))
+    message = str(err.value)
+    assert "micro_batch_size=3" in message and "256" in message
+    assert "[1, 2, 4, 8, 16, 32" in message
+
+
+def test_pinned_dp_shard_that_cannot_split_the_world_is_refused():
+    with pytest.raises(PlanError, match=r"dp_shard_size=3 .*valid dp_shard_size values: \[1, 2, 4, 8\]"):
+        plan_parallelism(model("llama-3-8b"), h100(1), RECIPE, PlanPins(dp_shard_size=3))
+
+
+def test_pins_are_honoured():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE,
+                              PlanPins(tp_size=2, activation_checkpointing="full", micro_batch_size=2))
+    assert all(p.layout.tp == 2 and p.layout.activation_checkpointing == "full" and p.micro_batch_size == 2
+               for p in result.candidates)
+
+
+def test_pins_that_fit_nowhere_on_this_cluster_say_what_would():
+    with pytest.raises(NothingFitsError, match="Without the pins this cluster fits: FSDP"):
+        plan_parallelism(model("llama-3-8b"), h100(1), RECIPE,
+                         PlanPins(dp_shard_size=1, tp_size=1, activation_checkpointing="none", cpu_offload=False))
+
+
+def test_valid_tp_sizes_follow_heads_and_node_size():
+    assert valid_tp_sizes(model("llama-3-8b"), h100(1)) == [1, 2, 4, 8]
+    assert valid_tp_sizes(model("llama-3-8b"), h100(2, devices=4)) == [1, 2, 4]
+    assert valid_tp_sizes(model("llama-tiny"), ClusterSpec.from_accelerator("cpu", 1, 8)) == [1, 2]
+
+
+def test_smallest_fitting_cluster_is_none_when_the_batch_cannot_spread_enough():
+    # 405B with one sequence per step cannot be spread over more than one TP group of 8
+    train = TrainSpec(1024, 1, "bf16-mixed")
+    assert smallest_fitting_cluster(model("llama-3.1-405b"), h100(1), train, PlanPins(cpu_offload=False)) is None
+
+
+def test_near_ties_go_to_the_simpler_layout():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    fsdp = result.candidates[0]
+    ddp_like = replace(fsdp, layout=replace(fsdp.layout, dp_replicate=8, dp_shard=1))
+    slower = fsdp.tokens_per_s_per_device
+    assert rank_plans([fsdp, replace(ddp_like, tokens_per_s_per_device=slower * 0.98)])[0].layout.kind == "DDP"
+    assert rank_plans([fsdp, replace(ddp_like, tokens_per_s_per_device=slower * 0.90)])[0] is fsdp
+    selective = replace(fsdp, layout=replace(fsdp.layout, activation_checkpointing="selective"),
+                        tokens_per_s_per_device=slower * 1.01)
+    assert rank_plans([selective, fsdp])[0] is fsdp  # less checkpointing wins a near-tie
+
+
+def test_memory_model_orders_checkpointing_modes_and_shards_states():
+    spec, prec_bytes = model("llama-3-8b"), 2
+    none = layer_saved_bytes_no_checkpointing(spec, 1, prec_bytes, 1024, DEFAULT_COEFFICIENTS)
+    selective = layer_saved_bytes_selective(spec, 1, prec_bytes, DEFAULT_COEFFICIENTS)
+    full = layer_saved_bytes_full(spec, 1, prec_bytes, DEFAULT_COEFFICIENTS)
+    assert full < selective < none
+    assert full == 2 * spec.hidden_size  # only each layer's bf16 input
+    one = estimate_memory(spec, RECIPE, Layout(1, 1, 1), 1)
+    eight = estimate_memory(spec, RECIPE, Layout(1, 8, 1), 1)
+    assert eight.optimizer_state == pytest.approx(one.optimizer_state / 8)
+    assert one.optimizer_state == pytest.approx(8 * spec.total_params)  # two fp32 Adam moments
+    assert eight.parameters + eight.gradients + eight.optimizer_state == pytest.approx(16 * spec.total_params / 8)
+    offloaded = estimate_memory(spec, RECIPE, Layout(1, 8, 1, cpu_offload=True), 1)
+    assert offloaded.parameters == offloaded.optimizer_state == 0
+    assert offloaded.host_bytes == pytest.approx(16 * spec.total_params / 8)
+    sizes = [estimate_memory(spec, RECIPE, Layout(1, 8, 1), b).total for b in (1, 2, 4, 8)]
+    assert sizes == sorted(sizes)
+    b1 = activation_bytes(spec, Layout(1, 8, 2), 1, 1024, 2, DEFAULT_COEFFICIENTS)
+    assert b1 < activation_bytes(spec, Layout(1, 8, 1), 1, 1024, 2, DEFAULT_COEFFICIENTS)  # TP splits activations
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_activation_terms_match_what_hf_llama_saves_for_backward(padded):
+    """Count the bytes autograd actually saves in a bf16 HF Llama forward (SDPA) and compare with the model."""
+    config = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # bf16 weights and compute, as FSDP2's mixed-precision policy runs
+    try:
+        hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    b, s = 2, 128
+    ids = torch.randint(0, 1000, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    if padded:
+        mask[0, -10:] = 0
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = hf(input_ids=ids, attention_mask=mask, labels=ids)
+    weights = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights) + out.logits.untyped_storage().nbytes()
+    spec = ModelSpec.from_llama_config(config)
+    coeffs = replace(DEFAULT_COEFFICIENTS, padding_mask=padded, backward_transient_layers=0)
+    predicted = activation_bytes(spec, Layout(), b, s, 2, coeffs) + logits_bytes(spec, Layout(), b, s, 2, coeffs)
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_logits_cost_six_bytes_per_vocabulary_entry_per_token():
+    spec = model("llama-3-8b")
+    memory = estimate_memory(spec, RECIPE, Layout(1, 8, 1), 2)
+    assert memory.logits == 2 * 1024 * spec.vocab_size * (2 + 4)
+
+
+def test_report_and_dict_describe_the_result():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    data = plan_result_to_dict(result)
+    assert {"chosen", "candidates", "rejected"} <= set(data)
+    chosen = data["chosen"]
+    for key in ("dp_replicate", "dp_shard", "tp", "activation_checkpointing", "micro_batch_size",
+                "grad_accumulation", "cpu_offload", "peak_memory_gib", "memory_breakdown_gib", "step_time_s",
+                "tokens_per_s_per_device", "mfu", "layout"):
+        assert key in chosen
+    assert chosen["memory_breakdown_gib"]["total"] == pytest.approx(chosen["peak_memory_gib"], abs=0.01)
+    assert len(data["candidates"]) == len(result.candidates)
+    assert all(set(r) == {"layout", "reason"} for r in data["rejected"])
+    json.dumps(data)  # plain values only
+    text = format_plan_report(result, top=5)
+    assert f"Chosen: {result.chosen.describe()}" in text
+    assert "Rejected layouts" in text and "DDP 8 × TP 1" in text
+    assert text.count("FSDP") >= 5
+

@@ -1,0 +1,141 @@
+"""``python main.py plan``: recipe in, plan report (text or one JSON object) out; bad input exits 2 with the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_ft.plan_command import main
+from llama_ft.presets import PRESETS_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_RECIPE = REPO / "configs" / "llama3_8b_cnn_dailymail.yaml"
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def recipe_8b(tmp_path: Path) -> Path:
+    """The shape of the full recipe: model config preset, sequence, global batch, precision, advanced strategy."""
+    return write_recipe(tmp_path / "llama3_8b.yaml", {
+        "model": {"model_config": "llama-3-8b", "model_name_or_path": "meta-llama/Meta-Llama-3-8B"},
+        "data": {"max_length": 1024, "global_batch_size": 256, "micro_batch_size": 1},
+        "trainer": {"precision": "bf16-mixed", "strategy": "advanced"},
+    })
+
+
+def run_json(argv: list[str], capsys) -> dict:
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)  # the whole of stdout is one JSON object
+
+
+def test_8b_recipe_on_one_h100_node_plans_fsdp_as_json(recipe_8b, capsys):
+    data = run_json(["--config", str(recipe_8b), "--nodes", "1", "--devices", "8", "--gpu", "h100-80gb"], capsys)
+    chosen = data["chosen"]
+    assert chosen["dp_shard"] > 1 and chosen["tp"] == 1
+    assert chosen["dp_replicate"] * chosen["dp_shard"] * chosen["tp"] == 8
+    assert chosen["peak_memory_gib"] < 0.9 * 80
+    assert chosen["micro_batch_size"] * chosen["grad_accumulation"] * chosen["dp_shard"] * chosen["dp_replicate"] \
+        == 256
+    assert data["model"]["name"] == "llama-3-8b" and data["train"]["seq_len"] == 1024
+    assert data["candidates"][0] == chosen
+    assert data["rejected"] and all(set(r) == {"layout", "reason"} for r in data["rejected"])
+
+
+def test_text_report_and_flags_override_the_recipe(recipe_8b, capsys):
+    code = main(["--config", str(recipe_8b), "--nodes", "1", "--devices", "8", "--gpu", "h100-80gb",
+                 "--seq_len", "2048", "--global_batch_size", "64", "--top", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sequence 2048, global batch 64" in out
+    assert "Chosen: " in out and "Top 3 of" in out
+    assert "tokens/s/device" in out and "MFU" in out
+
+
+def test_init_args_form_and_strategy_pins_apply(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "tiny.yaml", {
+        "model": {"class_path": "llama_ft.module.LlamaFineTuner", "init_args": {"model_config": "llama-tiny"}},
+        "data": {"class_path": "x.DataModule", "init_args": {"max_length": 256, "global_batch_size": 8}},
+        "trainer": {"precision": "32-true", "devices": 2,
+                    "strategy": {"class_path": "llama_ft.parallel.strategy.AdvancedParallelStrategy",
+                                 "init_args": {"tp_size": 2, "activation_checkpointing": "auto"}}},
+    })
+    data = run_json(["--config", str(recipe), "--gpu", "cpu"], capsys)
+    assert data["chosen"]["tp"] == 2 and data["pins"] == {"tp_size": 2}
+    assert data["train"]["precision"] == "32-true" and data["cluster"]["world_size"] == 2
+
+
+def test_model_flag_without_recipe_and_unknown_device(capsys):
+    data = run_json(["--model", "llama-tiny", "--seq_len", "128", "--global_batch_size", "4", "--nodes", "1",
+                     "--devices", "2", "--gpu_memory_gib", "24", "--gpu_tflops", "100", "--gpu", "rtx-4090"], capsys)
+    assert data["cluster"]["accelerator"] == "rtx-4090" and data["cluster"]["device_memory_gib"] == 24
+    assert data["train"]["precision"] == "bf16-mixed"
+
+
+def test_local_checkpoint_directory_gives_the_architecture(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(PRESETS_DIR / "llama-tiny.json", checkpoint / "config.json")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": {"model_name_or_path": str(checkpoint)},
+        "data": {"max_length": 64, "global_batch_size": 4},
+        "trainer": {"precision": "bf16-mixed"},
+    })
+    data = run_json(["--config", str(recipe), "--devices", "2", "--gpu", "cpu"], capsys)
+    assert data["model"]["hidden_size"] == 128 and data["model"]["num_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--tp_size", "3"], "tp_size=3 does not divide"),
+        (["--micro_batch_size", "3"], "micro_batch_size=3"),
+        (["--gpu", "v100"], "unknown accelerator"),
+    ],
+)
+def test_errors_exit_2_with_the_reason_on_stderr(recipe_8b, capsys, extra, expected):
+    argv = ["--config", str(recipe_8b), "--nodes", "1", "--devices", "8", "--gpu", "h100-80gb", *extra]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err and captured.out == ""
+
+
+def test_missing_inputs_are_config_errors(tmp_path, capsys):
+    assert main(["--devices", "8", "--gpu", "h100-80gb"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["--model", "llama-3-8b", "--devices", "8", "--gpu", "h100-80gb"]) == 2
+    assert "--seq_len" in capsys.readouterr().err
+    hub_only = write_recipe(tmp_path / "hub.yaml", {"model": {"model_name_or_path": "meta-llama/Meta-Llama-3-8B"},
+                                                    "data": {"max_length": 1024, "global_batch_size": 256}})
+    assert main(["--config", str(hub_only), "--devices", "8", "--gpu", "h100-80gb"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_70b_that_does_not_fit_names_a_cluster(recipe_8b, capsys):
+    code = main(["--config", str(recipe_8b), "--model", "llama-3-70b", "--nodes", "1", "--devices", "8",
+                 "--gpu", "h100-80gb", "--cpu_offload", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "smallest cluster of h100-80gb" in err
+
+
+def test_subprocess_main_py_plan_prints_one_json_object(recipe_8b):
+    recipe = FULL_RECIPE if FULL_RECIPE.is_file() else recipe_8b  # the lead's recipe once it lands
+    proc = subprocess.run(
+        [sys.executable, "main.py", "plan", "--config", str(recipe), "--nodes", "1", "--devices", "8",
+         "--gpu", "h100-80gb", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["cluster"]["world_size"] == 8
+    assert data["chosen"]["dp_replicate"] * data["chosen"]["dp_shard"] * data["chosen"]["tp"] == 8
