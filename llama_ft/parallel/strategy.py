@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
+from llama_ft.parallel.clipping import clip_grad_norm_
 from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
 from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
@@ -186,6 +187,12 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
                 )
             initialize()
         super().setup(trainer)
+        # Lightning clips through the precision plugin; route it to the mesh-aware norm (plain torch refuses the
+        # mix of TP and FSDP-only meshes).
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _clip_grad_by_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

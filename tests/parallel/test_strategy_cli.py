@@ -1,0 +1,50 @@
+"""The one switch from the command line: two CPU processes, the plan report, plan.json, and a bad pin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+TIMEOUT_S = 300
+
+
+def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "main.py", "fit", "--trainer.devices=2", "--trainer.max_steps=4",
+           "--data.val_every_n_steps=2", "--data.max_examples_per_split=48", f"--data.cache_dir={tmp_path / 'c'}",
+           f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_advanced_fits_the_embedded_default_on_two_processes(tmp_path):
+    proc = _fit(tmp_path, "--trainer.strategy=advanced")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Chosen: DDP 2 × TP 1" in output
+    assert "Starting with 2 processes" in output
+    (plan_file,) = tmp_path.glob("tiny/version_*/plan.json")
+    plan = json.loads(plan_file.read_text())
+    assert (plan["chosen"]["dp_replicate"], plan["chosen"]["dp_shard"], plan["chosen"]["tp"]) == (2, 1, 1)
+    assert plan["candidates"][0] == plan["chosen"] and plan["rejected"] is not None
+    assert list(tmp_path.glob("tiny/version_*/hf_model/model.safetensors"))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_a_pin_that_cannot_work_fails_before_any_data_or_model_work(tmp_path):
+    proc = _fit(tmp_path, "--trainer.strategy=llama_ft.parallel.strategy.AdvancedParallelStrategy",
+                "--trainer.strategy.tp_size=3")
+    assert proc.returncode != 0
+    assert "tp_size=3 does not divide num_attention_heads=4" in proc.stderr
+    assert "valid tp sizes on this cluster (1 × 2 devices): [1, 2]" in proc.stderr
+    assert "Tokenizing" not in proc.stderr
