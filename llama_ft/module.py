@@ -143,13 +143,12 @@ class LlamaFineTuner(L.LightningModule):
     def initialize_weights(self) -> None:
         """Fill a model that was built on the meta device and then materialized (and maybe sharded).
 
-        Called by the ``advanced`` strategy after it applied its layout; a checkpoint is loaded, else the
-        Hugging Face initialization runs (it also recomputes the rotary tables lost on the meta device).
+        Called by the ``advanced`` strategy after it applied its layout and materialized the model (which also
+        recomputed the rotary tables); a checkpoint is loaded, else the Hugging Face initialization runs.
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:
             load_full_weights(self.model, _resolve_local_checkpoint(self.hparams.model_name_or_path))
-            self.model.model.rotary_emb.apply(self.model._init_weights)
         else:
             for module in self.model.modules():
                 module.__dict__.pop("_is_hf_initialized", None)
