@@ -21,6 +21,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
+from llama_ft import checkpointing
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
 from llama_ft.parallel.clipping import clip_grad_norm_
@@ -199,6 +200,20 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="plans and applies the parallel layout (llama_ft)", override=True
         )
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save beside ``filepath`` and swap the complete checkpoint in afterwards: Lightning rewrites ``last.ckpt``
+        in place, so a crash mid-save would otherwise tear the only resumable checkpoint (llama_ft.checkpointing)."""
+        target = Path(self.broadcast(str(filepath)))
+        partial = checkpointing.partial_path(target)
+        if self.global_rank == 0:
+            checkpointing.remove_stale_partials(target.parent)
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial, storage_options=storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            checkpointing.publish(partial, target)
+        self.barrier()
 
 
 AdvancedParallelStrategy.register_strategies(StrategyRegistry)
