@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench slurm-packages
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) main.py fit
 
-test: $(STAMP)
+test: $(STAMP) slurm-packages
 	$(PY) -m pytest
+
+# The tests in tests/slurm start a single-node SLURM cluster from Debian's packages; this installs them when they
+# are missing (as root, with apt-get) and does nothing when they are there. Without them those tests are skipped.
+SLURM_COMMANDS := slurmctld slurmd sbatch munged
+slurm-packages:
+	@missing=; for c in $(SLURM_COMMANDS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null || \
+		missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing slurmctld slurmd slurm-client munge (for the tests in tests/slurm)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		timeout 600 apt-get update -qq && \
+		timeout 900 apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; \
+	else \
+		echo "note: SLURM is not installed and this is not a root shell with apt-get; tests/slurm will be skipped"; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -196,6 +196,28 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
 
+    def _resume_position(self, epoch_length: int) -> tuple[int, int]:
+        """(epoch, micro-batches of it this replica already trained on) when ``fit`` resumes from a checkpoint.
+
+        Lightning restores its loop progress before it asks for the train loader, and iterates the loader it gets
+        without asking again when it continues an epoch (or starts the next one right after a checkpoint taken at the
+        end of an epoch). Starting the sampler where that progress says makes a resumed run see exactly the data an
+        uninterrupted one would (same epoch, same order), so it ends with the same weights. A fresh run: (0, 0).
+        """
+        trainer = self.trainer
+        loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+        if loop is None or not loop.restarting:
+            return 0, 0
+        epochs = loop.epoch_progress.current
+        consumed = loop.epoch_loop.batch_progress.current.ready
+        limit = trainer.limit_train_batches  # as Lightning counts an epoch's batches
+        batches = min(epoch_length, limit) if isinstance(limit, int) else int(epoch_length * (limit or 1.0))
+        if consumed < batches:
+            return epochs.processed, consumed
+        # Saved after the epoch's last batch: the next epoch, from its start. ``processed`` already counts the
+        # finished epoch when the checkpoint was taken in the epoch-end hooks, not when it was taken before them.
+        return (epochs.processed if epochs.processed > epochs.completed else epochs.processed + 1), 0
+
     # ------------------------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, *, train: bool, generation: bool = False) -> DataLoader:
         data = self.splits.get(split)
@@ -213,6 +235,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             seed=self.seed,
             even_batches=train,
         )
+        if train:
+            sampler.resume_at(*self._resume_position(len(sampler)))
         collate = Collator(
             pad_token_id=self.pad_token_id,
             mode=self.batching,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from llama_ft.data.batching import IGNORE_INDEX, Collator, MicroBatchSampler, pack_rows
+from llama_ft.data.batching import IGNORE_INDEX, Collator, MicroBatchSampler, pack_rows, padded_width
 from tests.conftest import tiny_llama_config
 
 
@@ -62,6 +62,23 @@ def test_length_grouped_batches_have_similar_lengths():
     real = sum(lengths[r[0]] for spec in sampler for r in spec.rows)
     computed = sum(len(spec.rows) * max(lengths[r[0]] for r in spec.rows) for spec in sampler)
     assert real / computed > 0.95
+
+
+def test_packed_rows_are_grouped_by_length_and_padded_to_the_longest_row():
+    # Most examples longer than half a row: packing alone leaves many rows part-empty, so rows are length-grouped
+    # and a micro-batch is only as wide as its longest row (padding each row to max_length wasted ~13% here).
+    lengths = [random.Random(6).randint(300, 1024) for _ in range(4000)]
+    sampler = MicroBatchSampler(lengths, mode="packed", micro_batch_size=8, max_length=1024)
+    real = computed = 0
+    for spec in sampler:
+        rows = [sum(lengths[i] for i in row) for row in spec.rows]
+        real += sum(rows)
+        computed += len(rows) * padded_width("packed", rows, 1024)
+    assert real / computed > 0.99
+    ex = _examples(3)
+    batch = Collator(pad_token_id=5, mode="packed", max_length=128)(([[ex[0], ex[1]], [ex[2]]], False))
+    longest = max(len(ex[0]["input_ids"]) + len(ex[1]["input_ids"]), len(ex[2]["input_ids"]))
+    assert batch["input_ids"].shape[1] == longest
 
 
 def test_evaluation_keeps_every_example_and_evens_out_replicas_with_fillers():

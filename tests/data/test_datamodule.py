@@ -35,7 +35,7 @@ def test_local_folder_and_all_three_modes_produce_batches(make_hub_dir, tmp_path
         batches = list(dm.train_dataloader())
         assert len(batches) == 6
         width = batches[0]["input_ids"].shape[1]
-        assert (width == 256) if mode != "length_grouped" else (width < 256)
+        assert (width == 256) if mode == "pad_to_max" else (width < 256)
 
 
 def test_second_setup_reads_the_tokenization_cache(make_hub_dir, tmp_path, monkeypatch):
