@@ -47,7 +47,7 @@ class SubmittedJob:
 def slurm_cluster():
     missing = missing_requirements()
     if missing:
-        pytest.skip(f"needs a local SLURM; missing: {', '.join(missing)} (`make slurm-packages` installs it, as root)")
+        pytest.fail(f"needs a local SLURM; missing: {', '.join(missing)} (`make slurm-packages` installs it, as root)")
     cluster = LocalSlurmCluster()
     try:
         cluster.start()
