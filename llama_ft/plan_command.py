@@ -1,6 +1,8 @@
 """``python main.py plan``: show the parallel layout the planner would choose for a recipe on a cluster.
 
-Nothing is built or loaded but the model's config: this runs on a laptop for any cluster size.
+Nothing is built or loaded but the model's config: this runs on a laptop for any cluster size. ``--verify`` adds a
+fake-tensor simulation of the chosen plan's training step at full size (tens of seconds on a CPU, no GPU) and replaces
+the choice if the simulation shows it does not fit.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import LlamaConfig
 
 from llama_ft.errors import ConfigError, PlanError
 from llama_ft.parallel.accelerators import accelerator_names
-from llama_ft.parallel.planner import PlanPins, plan_parallelism
-from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
+from llama_ft.parallel.report import format_plan_report, format_verification, plan_result_to_dict
 from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
 from llama_ft.presets import load_llama_config
 
@@ -49,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu_offload", choices=["true", "false"], help="force or forbid CPU offload")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--top", type=int, help="candidates to show (text default 10; JSON default all)")
+    parser.add_argument("--verify", action="store_true",
+                        help="simulate the chosen plan at full size on fake tensors (CPU, ~10-60 s) and print "
+                             "predicted vs simulated peak memory; a plan that does not fit is replaced by the next "
+                             "candidate that does")
+    parser.add_argument("--verify_top", type=int, metavar="K",
+                        help="simulate the K best candidates (implies --verify)")
     return parser
 
 
@@ -111,8 +120,10 @@ def _devices_from_recipe(recipe: dict[str, Any]) -> int | None:
     return None
 
 
-def resolve_model(args: argparse.Namespace, recipe: dict[str, Any], recipe_dir: Path | None) -> ModelSpec:
-    """Architecture from --model, else model_config, else a local model_name_or_path directory."""
+def resolve_model(args: argparse.Namespace, recipe: dict[str, Any], recipe_dir: Path | None
+                  ) -> tuple[ModelSpec, LlamaConfig]:
+    """Architecture from --model, else model_config, else a local model_name_or_path directory; the config too, which
+    the simulation builds the model from."""
     source = args.model or section_value(recipe, "model", "model_config")
     if source is None:
         weights = section_value(recipe, "model", "model_name_or_path")
@@ -129,7 +140,8 @@ def resolve_model(args: argparse.Namespace, recipe: dict[str, Any], recipe_dir: 
     if recipe_dir is not None and not Path(text).exists() and (recipe_dir / text).exists():
         text = str(recipe_dir / text)  # a path written relative to the recipe file
     name = text if "/" not in text and not text.endswith(".json") else Path(text).stem
-    return ModelSpec.from_llama_config(load_llama_config(text), name=name)
+    config = load_llama_config(text)
+    return ModelSpec.from_llama_config(config, name=name), config
 
 
 def resolve_train(args: argparse.Namespace, recipe: dict[str, Any]) -> TrainSpec:
@@ -186,7 +198,9 @@ def main(argv: list[str]) -> int:
         recipe_dir = Path(args.config).resolve().parent if args.config else None
         if not args.config and not args.model:
             raise ConfigError("pass --config RECIPE.yaml or --model PRESET_OR_CONFIG_JSON.")
-        model = resolve_model(args, recipe, recipe_dir)
+        if args.verify_top is not None and args.verify_top < 1:
+            raise ConfigError(f"--verify_top must be >= 1, got {args.verify_top}.")
+        model, config = resolve_model(args, recipe, recipe_dir)
         train = resolve_train(args, recipe)
         cluster = resolve_cluster(args, recipe)
         pins, fraction = resolve_pins(args, recipe)
@@ -194,8 +208,27 @@ def main(argv: list[str]) -> int:
     except (PlanError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.verify or args.verify_top:
+        return print_verified(result, config, args)
     if args.json:
         print(json.dumps(plan_result_to_dict(result, max_candidates=args.top), indent=2))
     else:
         print(format_plan_report(result, top=args.top or 10))
     return 0
+
+
+def print_verified(result: PlanResult, config: LlamaConfig, args: argparse.Namespace) -> int:
+    """Simulate, replace the choice if it does not fit, print; exit 1 when no simulated candidate fits."""
+    from llama_ft.parallel.verify import verification_to_dict, verify_plan  # imports torch: only when asked
+
+    verified = verify_plan(result, config, top_k=args.verify_top or 1)
+    if args.json:
+        data = plan_result_to_dict(verified.result, max_candidates=args.top)
+        data["verification"] = verification_to_dict(verified)
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_plan_report(verified.result, top=args.top or 10))
+        print()
+        print(format_verification(verified))
+    refuted = all(check.fits is False for check in verified.verifications)
+    return 1 if refuted else 0

@@ -139,3 +139,78 @@ def test_subprocess_main_py_plan_prints_one_json_object(recipe_8b):
     data = json.loads(proc.stdout)
     assert data["cluster"]["world_size"] == 8
     assert data["chosen"]["dp_replicate"] * data["chosen"]["dp_shard"] * data["chosen"]["tp"] == 8
+
+
+# =============================================================================================================
+# --verify: simulate the chosen plan and replace it if it does not fit
+# =============================================================================================================
+
+TINY = ["--model", "llama-tiny", "--seq_len", "128", "--global_batch_size", "8", "--nodes", "1", "--devices", "2",
+        "--gpu", "cpu"]
+
+
+@pytest.mark.timeout(300)
+def test_verify_prints_predicted_vs_simulated_and_json_has_verification(capsys):
+    assert main([*TINY, "--verify"]) == 0
+    text = capsys.readouterr().out
+    line = next(line for line in text.splitlines() if line.strip().startswith("#1 "))
+    assert "predicted" in line and "simulated" in line and "<- chosen" in line
+    assert "Verified: the chosen plan fits when simulated." in text
+    data = run_json([*TINY, "--verify_top", "2"], capsys)
+    verification = data["verification"]
+    assert verification["replaced"] is False and verification["chosen_verified"] is True
+    assert [check["rank"] for check in verification["simulated"]] == [1, 2]
+    for check in verification["simulated"]:
+        assert check["simulated_gib"] > 0 and abs(check["error_pct"]) <= 10  # the tiny model is modelled too
+        assert check["fits"] is True and check["simulated_breakdown_gib"]["Sharded Param"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_verify_llama32_1b_on_eight_devices_agrees_within_ten_percent(capsys):
+    data = run_json(["--model", "llama-3.2-1b", "--seq_len", "1024", "--global_batch_size", "64", "--nodes", "1",
+                     "--devices", "8", "--gpu", "h100-80gb", "--verify"], capsys)
+    check = data["verification"]["simulated"][0]
+    assert check["layout"] == data["chosen"]["layout"]
+    assert abs(check["error_pct"]) <= 10 and check["fits"] is True
+
+
+def test_verify_replaces_a_plan_the_simulation_refutes(monkeypatch, capsys):
+    """The simulator is replaced by one that says the planner's first choice needs 1 TiB: the next one is chosen."""
+    from llama_ft.parallel import verify
+    from llama_ft.parallel.simulate import SimulationResult
+
+    refuted = []  # the first layout ever simulated: the planner's choice
+
+    def fake_simulation(config, layout, micro_batch, seq_len, **kwargs):
+        refuted.append(refuted[0] if refuted else (layout, micro_batch))
+        peak = 2**40 if (layout, micro_batch) == refuted[0] else 2**20
+        return SimulationResult("llama-tiny", layout, micro_batch, seq_len, kwargs["precision"], "sdpa", peak,
+                                {"Sharded Param": peak})
+
+    monkeypatch.setattr(verify, "simulate_peak_memory", fake_simulation)
+    planned = run_json(TINY, capsys)["chosen"]["layout"]
+    data = run_json([*TINY, "--verify"], capsys)
+    verification = data["verification"]
+    assert verification["replaced"] is True and verification["original_choice"] == planned
+    assert data["chosen"]["layout"] == verification["chosen"] != planned
+    assert [c["fits"] for c in verification["simulated"]] == [False, True]
+    assert main([*TINY, "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert f"Replaced: the planner's choice ({planned}) needs 1075.7 GiB > 14.4 GiB usable" in text  # + allowance
+    assert "DOES NOT FIT" in text
+    assert f"Chosen: {verification['chosen']}" in text
+
+
+def test_verify_exits_1_when_no_simulated_candidate_fits(monkeypatch, capsys):
+    from llama_ft.parallel import verify
+    from llama_ft.parallel.simulate import SimulationResult
+
+    def too_big(config, layout, micro_batch, seq_len, **kwargs):
+        return SimulationResult("llama-tiny", layout, micro_batch, seq_len, kwargs["precision"], "sdpa", 2**40, {})
+
+    monkeypatch.setattr(verify, "simulate_peak_memory", too_big)
+    assert main([*TINY, "--verify"]) == 1
+    text = capsys.readouterr().out
+    assert "Not verified: no candidate simulated fits" in text
+    assert text.count("DOES NOT FIT") == 1 + verify.MAX_EXTRA_SIMULATIONS

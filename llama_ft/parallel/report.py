@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_ft.parallel.cost_model import GiB
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planner import NEAR_TIE, Plan, PlanResult, Rejection
+
+if TYPE_CHECKING:
+    from llama_ft.parallel.verify import Verification, VerifiedPlanResult
 
 # Breakdown terms and the short column titles the table gives them.
 _MEMORY_COLUMNS = (
@@ -38,6 +41,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "cpu_offload": layout.cpu_offload,
         "peak_memory_gib": round(plan.peak_bytes / GiB, 3),
         "memory_breakdown_gib": {k: round(v, 3) for k, v in plan.memory.as_gib().items()},
+        "peak_phase": plan.memory.phase,
         "step_time_s": round(plan.step_time_s, 4),
         "step_time_breakdown_s": {
             "compute": round(time.compute_s, 4),
@@ -100,8 +104,8 @@ def plan_result_to_dict(result: PlanResult, max_candidates: int | None = None) -
 # =============================================================================================================
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / GiB:.1f}"
+def _gib(nbytes: float, digits: int = 1) -> str:
+    return f"{nbytes / GiB:.{digits}f}"
 
 
 def _chosen_lines(plan: Plan) -> list[str]:
@@ -111,7 +115,7 @@ def _chosen_lines(plan: Plan) -> list[str]:
     t = plan.time
     return [
         f"Chosen: {plan.describe()}",
-        f"  memory  {_gib(plan.peak_bytes)} GiB/device = {memory}{host}",
+        f"  memory  {_gib(plan.peak_bytes)} GiB/device, peak at the {plan.memory.phase} = {memory}{host}",
         f"  time    {plan.step_time_s:.2f} s/step = compute {t.compute_s:.2f} + exposed communication "
         f"{t.exposed_communication_s:.2f} (of {t.communication_s:.2f}) + optimizer {t.optimizer_s:.2f} + offload "
         f"{t.offload_s:.2f} + overhead {t.overhead_s:.2f}",
@@ -206,4 +210,46 @@ def format_plan_report(result: PlanResult, top: int = 10, max_rejected: int = 20
         lines += [f"  {line}" for line in limits[:max_rejected]]
         if len(limits) > max_rejected:
             lines.append(f"  ... and {len(limits) - max_rejected} more (the JSON output lists all)")
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# Verification against the simulation
+# =============================================================================================================
+
+
+def _verification_line(check: Verification, chosen: Plan) -> str:
+    """One simulated candidate: predicted vs simulated peak, the error, and whether it fits with the allowance."""
+    head = f"#{check.rank} {check.plan.describe()}: predicted {_gib(check.predicted_bytes, 2)} GiB"
+    if check.simulated is None:
+        return f"{head}, not simulated ({check.failure})"
+    needed, usable = check.needed_bytes or 0.0, check.usable_bytes
+    verdict = "fits" if check.fits else "DOES NOT FIT"
+    mark = "  <- chosen" if check.plan is chosen else ""
+    return (f"{head}, simulated {_gib(check.simulated.peak_bytes, 2)} GiB (error {check.error:+.1%}); with the "
+            f"{_gib(check.allowance_bytes, 2)} GiB allowance {_gib(needed)} {'<=' if check.fits else '>'} "
+            f"{_gib(usable)} GiB usable: {verdict}{mark}")
+
+
+def format_verification(verified: VerifiedPlanResult) -> str:
+    """Predicted vs simulated peak per simulated candidate, and whether (and why) the choice was replaced."""
+    chosen = verified.result.chosen
+    lines = [
+        "Verification (fake-tensor simulation of the training step at full size, rank 0; # is the planner's rank; "
+        "predicted and simulated exclude the allowance for workspace and fragmentation, which the fit check adds "
+        "back):",
+        *(f"  {_verification_line(check, chosen)}" for check in verified.verifications),
+    ]
+    original = next(v for v in verified.verifications if v.plan is verified.original)
+    if verified.replaced:
+        lines.append(
+            f"Replaced: the planner's choice ({verified.original.describe()}) needs {_gib(original.needed_bytes)} GiB "
+            f"> {_gib(original.usable_bytes)} GiB usable when simulated; chose #{verified.chosen_verification.rank} "
+            f"({chosen.describe()}), the next candidate that verifies."
+        )
+    elif not verified.verified:
+        reason = original.failure or "no candidate simulated fits"
+        lines.append(f"Not verified: {reason}; the planner's choice stands unconfirmed.")
+    else:
+        lines.append("Verified: the chosen plan fits when simulated.")
     return "\n".join(lines)

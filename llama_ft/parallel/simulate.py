@@ -4,8 +4,8 @@ The real training step runs on fake tensors: a fake process group of ``layout.wo
 rank 0; collectives return without communicating), the model built on the meta device and parallelized by the same
 :func:`~llama_ft.parallel.apply.apply_layout` that training uses, then materialized as fake tensors under
 ``FakeTensorMode``, and PyTorch's ``FSDPMemTracker`` counting every tensor FSDP, autograd and the optimizer allocate
-over two iterations (forward with labels → backward → AdamW step). This is the ground truth the planner's cost model
-is calibrated against (DESIGN §4).
+over two iterations (forward with labels → backward, once per micro-batch → AdamW step). This is the ground
+truth the planner's cost model is calibrated against (DESIGN §4).
 
 Every layout kind works: DDP, FSDP, HSDP, TP and TP × data parallel (``apply_layout`` always ends in ``fully_shard``,
 which the tracker requires). CPU offload is refused: on a CPU-only simulation offloaded and device memory are the
@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,9 @@ PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None, torch.dtype | None]
 }
 
 ITERATIONS = 2  # the second one runs with the optimizer state the first step created
+# With gradient accumulation every micro-batch after the first runs backward with the previous ones' sharded
+# gradients alive, and all of them alike: two micro-batches per step show the peak of any longer accumulation.
+MAX_SIMULATED_MICRO_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class SimulationResult:
     ``breakdown`` maps the tracker's categories (``Sharded Param``, ``Unsharded Param``, ``Buffer``,
     ``Sharded Grad``, ``Unsharded Grad``, ``Activation``, ``Temp``, ``All Gather``, ``Reduce Scatter``,
     ``OptState``, ``Inputs``) to bytes; they sum to ``peak_bytes``. ``wall_s`` is the simulation itself,
-    ``total_s`` adds the child process start-up (imports).
+    ``total_s`` adds the child process start-up (imports). ``grad_accumulation`` is the accumulation simulated
+    (micro-batches per optimizer step).
     """
 
     model: str
@@ -74,6 +79,7 @@ class SimulationResult:
     breakdown: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     total_s: float = 0.0
+    grad_accumulation: int = 1
 
     @property
     def peak_gib(self) -> float:
@@ -98,6 +104,7 @@ class _Request:
     seq_len: int
     precision: str
     attn_implementation: str
+    grad_accumulation: int = 1
 
 
 def simulate_peak_memory(
@@ -108,16 +115,19 @@ def simulate_peak_memory(
     *,
     precision: str = "bf16-mixed",
     attn_implementation: str = "sdpa",
+    grad_accumulation: int = 1,
     timeout_s: float = 600.0,
 ) -> SimulationResult:
     """Simulate two training iterations of ``layout`` on a fake ``layout.world_size``-rank world; return rank 0's peak.
 
     ``config`` is a ``LlamaConfig`` or a preset name / config path. ``precision`` is a Lightning precision name
     (``bf16-mixed``: fp32 parameters, bf16 compute, fp32 gradient reduction). ``attn_implementation`` is HF's
-    (``sdpa``, what training uses, or ``eager``, which materializes the s×s scores). Runs in a spawned child process
+    (``sdpa``, what training uses, or ``eager``, which materializes the s×s scores). ``grad_accumulation`` > 1 runs
+    two micro-batches per optimizer step (see ``MAX_SIMULATED_MICRO_BATCHES``). Runs in a spawned child process
     and raises ``TimeoutError`` after ``timeout_s`` and ``RuntimeError`` (with the child's traceback) if it fails.
     """
-    request = _make_request(config, layout, micro_batch_size, seq_len, precision, attn_implementation)
+    request = _make_request(config, layout, micro_batch_size, seq_len, precision, attn_implementation,
+                            grad_accumulation)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -154,13 +164,15 @@ def _make_request(
     seq_len: int,
     precision: str,
     attn_implementation: str,
+    grad_accumulation: int = 1,
 ) -> _Request:
     """Validate everything in the parent, so a bad argument fails fast with a clear message, not in the child."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} cannot be simulated; use one of {sorted(PRECISIONS)}.")
-    if micro_batch_size < 1 or seq_len < 1:
+    if micro_batch_size < 1 or seq_len < 1 or grad_accumulation < 1:
         raise ConfigError(
-            f"micro_batch_size and seq_len must be >= 1, got {micro_batch_size} and {seq_len}. "
+            f"micro_batch_size, seq_len and grad_accumulation must be >= 1, got {micro_batch_size}, {seq_len} and "
+            f"{grad_accumulation}. "
             "Pass the per-device micro-batch and the padded sequence length."
         )
     name = config if isinstance(config, str) else (config.name_or_path or "LlamaConfig")
@@ -173,7 +185,9 @@ def _make_request(
             "(everything here is on the CPU). Simulate the same layout without cpu_offload and subtract the "
             "offloaded parameter, gradient and optimizer-state bytes."
         )
-    return _Request(llama_config, name, layout, micro_batch_size, seq_len, precision, attn_implementation)
+    micro_batches = min(grad_accumulation, MAX_SIMULATED_MICRO_BATCHES)
+    return _Request(llama_config, name, layout, micro_batch_size, seq_len, precision, attn_implementation,
+                    micro_batches)
 
 
 def _child_main(request: _Request, sender: Connection) -> None:
@@ -250,6 +264,8 @@ def _simulate(request: _Request) -> SimulationResult:
     from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
 
     torch.set_num_threads(1)  # fake tensors do no arithmetic; more threads only contend with the caller
+    # FSDP2 warns that HF's output is a view (about in-place ops on it, which this step never does): noise here.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     start = time.perf_counter()
     layout = request.layout
     build_dtype, param_dtype, reduce_dtype = PRECISIONS[request.precision]
@@ -272,13 +288,13 @@ def _simulate(request: _Request) -> SimulationResult:
             tracker = _tracker_ignoring_sharding_propagation(model, optimizer)
             tracker.track_inputs((input_ids,))
             with tracker:
-                for iteration in range(ITERATIONS):
-                    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-                    loss.backward()
+                for _ in range(ITERATIONS):
+                    for _ in range(request.grad_accumulation):
+                        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+                        loss.backward()
+                        tracker.reset_mod_stats()  # per-module stats only; the global peak keeps every pass
                     optimizer.step()
                     optimizer.zero_grad()
-                    if iteration == 0:
-                        tracker.reset_mod_stats()  # per-module stats only; the global peak keeps both iterations
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     finally:
         dist.destroy_process_group()
@@ -294,4 +310,5 @@ def _simulate(request: _Request) -> SimulationResult:
         peak_bytes=total,
         breakdown=breakdown,
         wall_s=time.perf_counter() - start,
+        grad_accumulation=request.grad_accumulation,
     )

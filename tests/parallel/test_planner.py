@@ -7,20 +7,9 @@ import re
 from dataclasses import replace
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.errors import PlanError
-from llama_ft.parallel.cost_model import (
-    DEFAULT_COEFFICIENTS,
-    GiB,
-    activation_bytes,
-    estimate_memory,
-    layer_saved_bytes_full,
-    layer_saved_bytes_no_checkpointing,
-    layer_saved_bytes_selective,
-    logits_bytes,
-)
+from llama_ft.parallel.cost_model import GiB
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planner import (
     NothingFitsError,
@@ -30,8 +19,9 @@ from llama_ft.parallel.planner import (
     smallest_fitting_cluster,
     valid_tp_sizes,
 )
-from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.report import format_plan_report, format_verification, plan_result_to_dict
 from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.verify import MAX_EXTRA_SIMULATIONS, verify_plan
 from llama_ft.presets import load_llama_config
 
 
@@ -172,66 +162,6 @@ def test_near_ties_go_to_the_simpler_layout():
     assert rank_plans([selective, fsdp])[0] is fsdp  # less checkpointing wins a near-tie
 
 
-def test_memory_model_orders_checkpointing_modes_and_shards_states():
-    spec, prec_bytes = model("llama-3-8b"), 2
-    none = layer_saved_bytes_no_checkpointing(spec, 1, prec_bytes, 1024, DEFAULT_COEFFICIENTS)
-    selective = layer_saved_bytes_selective(spec, 1, prec_bytes, DEFAULT_COEFFICIENTS)
-    full = layer_saved_bytes_full(spec, 1, prec_bytes, DEFAULT_COEFFICIENTS)
-    assert full < selective < none
-    assert full == 2 * spec.hidden_size  # only each layer's bf16 input
-    one = estimate_memory(spec, RECIPE, Layout(1, 1, 1), 1)
-    eight = estimate_memory(spec, RECIPE, Layout(1, 8, 1), 1)
-    assert eight.optimizer_state == pytest.approx(one.optimizer_state / 8)
-    assert one.optimizer_state == pytest.approx(8 * spec.total_params)  # two fp32 Adam moments
-    assert eight.parameters + eight.gradients + eight.optimizer_state == pytest.approx(16 * spec.total_params / 8)
-    offloaded = estimate_memory(spec, RECIPE, Layout(1, 8, 1, cpu_offload=True), 1)
-    assert offloaded.parameters == offloaded.optimizer_state == 0
-    assert offloaded.host_bytes == pytest.approx(16 * spec.total_params / 8)
-    sizes = [estimate_memory(spec, RECIPE, Layout(1, 8, 1), b).total for b in (1, 2, 4, 8)]
-    assert sizes == sorted(sizes)
-    b1 = activation_bytes(spec, Layout(1, 8, 2), 1, 1024, 2, DEFAULT_COEFFICIENTS)
-    assert b1 < activation_bytes(spec, Layout(1, 8, 1), 1, 1024, 2, DEFAULT_COEFFICIENTS)  # TP splits activations
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_activation_terms_match_what_hf_llama_saves_for_backward(padded):
-    """Count the bytes autograd actually saves in a bf16 HF Llama forward (SDPA) and compare with the model."""
-    config = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # bf16 weights and compute, as FSDP2's mixed-precision policy runs
-    try:
-        hf = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    b, s = 2, 128
-    ids = torch.randint(0, 1000, (b, s))
-    mask = torch.ones(b, s, dtype=torch.long)
-    if padded:
-        mask[0, -10:] = 0
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = hf(input_ids=ids, attention_mask=mask, labels=ids)
-    weights = {p.untyped_storage().data_ptr() for p in hf.parameters()}
-    measured = sum(n for ptr, n in saved.items() if ptr not in weights) + out.logits.untyped_storage().nbytes()
-    spec = ModelSpec.from_llama_config(config)
-    coeffs = replace(DEFAULT_COEFFICIENTS, padding_mask=padded, backward_transient_layers=0)
-    predicted = activation_bytes(spec, Layout(), b, s, 2, coeffs) + logits_bytes(spec, Layout(), b, s, 2, coeffs)
-    assert predicted == pytest.approx(measured, rel=0.01)
-
-
-def test_logits_cost_six_bytes_per_vocabulary_entry_per_token():
-    spec = model("llama-3-8b")
-    memory = estimate_memory(spec, RECIPE, Layout(1, 8, 1), 2)
-    assert memory.logits == 2 * 1024 * spec.vocab_size * (2 + 4)
-
-
 def test_report_and_dict_describe_the_result():
     result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
     data = plan_result_to_dict(result)
@@ -250,3 +180,67 @@ def test_report_and_dict_describe_the_result():
     assert "Rejected layouts" in text and "DDP 8 × TP 1" in text
     assert text.count("FSDP") >= 5
 
+
+
+# =============================================================================================================
+# Verification: the simulation confirms the choice or replaces it
+# =============================================================================================================
+
+
+def fake_simulator(peaks: dict[int, float]):
+    """A simulator that answers ``peaks[call number]`` bytes (default 1 GiB) and records what it was asked."""
+    from llama_ft.parallel.simulate import SimulationResult
+
+    asked: list[tuple[Layout, int]] = []
+
+    def simulate(config, layout, micro_batch, seq_len, **kwargs):
+        asked.append((layout, micro_batch))
+        peak = int(peaks.get(len(asked), GiB))
+        return SimulationResult("fake", layout, micro_batch, seq_len, kwargs["precision"], "sdpa", peak, {})
+
+    return simulate, asked
+
+
+def test_verification_keeps_a_choice_that_fits_and_simulates_the_top_k():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    simulate, asked = fake_simulator({})
+    verified = verify_plan(result, "llama-3-8b", top_k=3, simulator=simulate)
+    assert not verified.replaced and verified.verified and verified.result is result
+    assert [(p.layout, p.micro_batch_size) for p in result.candidates[:3]] == asked
+    assert [v.rank for v in verified.verifications] == [1, 2, 3]
+
+
+def test_verification_replaces_a_refuted_choice_with_the_next_that_fits():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    simulate, _ = fake_simulator({1: 80 * GiB, 2: 75 * GiB})  # the first two do not fit 71.7 GiB usable
+    verified = verify_plan(result, "llama-3-8b", simulator=simulate)
+    assert verified.replaced and verified.verified
+    assert verified.original is result.chosen and verified.result.chosen is result.candidates[2]
+    assert verified.result.candidates[0] is result.candidates[2] and len(verified.result.candidates) == len(
+        result.candidates)
+    assert [v.fits for v in verified.verifications] == [False, False, True]
+    text = format_verification(verified)
+    assert "Replaced: the planner's choice" in text and "#3 " in text and text.count("DOES NOT FIT") == 2
+
+
+def test_verification_gives_up_after_a_bounded_search_and_says_so():
+    result = plan_parallelism(model("llama-3-8b"), h100(1), RECIPE)
+    simulate, asked = fake_simulator({n: 100 * GiB for n in range(1, 100)})
+    verified = verify_plan(result, "llama-3-8b", simulator=simulate)
+    assert len(asked) == 1 + MAX_EXTRA_SIMULATIONS
+    assert not verified.replaced and not verified.verified
+    assert "Not verified: no candidate simulated fits" in format_verification(verified)
+
+
+def test_verification_cannot_simulate_cpu_offload_and_keeps_the_choice_unverified():
+    train = TrainSpec(1024, 256, "bf16-mixed")
+    try:
+        result = plan_parallelism(model("llama-3-70b"), h100(1), train)
+    except NothingFitsError:
+        pytest.skip("the calibrated model needs more than one node for 70B even with offload")
+    assert result.chosen.layout.cpu_offload
+    simulate, asked = fake_simulator({})
+    verified = verify_plan(result, "llama-3-70b", simulator=simulate)
+    assert asked == []  # nothing was simulated
+    assert verified.result.chosen is result.chosen and not verified.verified
+    assert "CPU offload cannot be simulated" in format_verification(verified)
