@@ -18,23 +18,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama_ft.data.make_sample import SAMPLE_DATASET_DIR
 from llama_ft.data.sources import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-HUB_README = """---
-configs:
-- config_name: 3.0.0
-  data_files:
-  - split: train
-    path: 3.0.0/train-*
-  - split: validation
-    path: 3.0.0/validation-*
-  - split: test
-    path: 3.0.0/test-*
----
-A tiny CNN/DailyMail-shaped folder written by a test.
-"""
+# The bundled sample's README names the 3.0.0 config and its split globs, as the hub repository does.
+HUB_README = (SAMPLE_DATASET_DIR / "README.md").read_text()
 
 
 def free_port() -> int:
