@@ -32,7 +32,7 @@ from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
 from llama_ft.hf_io import save_hf_directory
 from llama_ft.module import LlamaFineTuner
-from llama_ft.plan_command import load_recipe, section_value
+from llama_ft.recipe import load_recipe, section_value
 
 DCP_METADATA = ".metadata"
 LIGHTNING_METADATA = "meta.pt"

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import LlamaConfig
 
 from llama_ft.errors import ConfigError, PlanError
@@ -22,6 +21,7 @@ from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.report import format_plan_report, format_verification, plan_result_to_dict
 from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
 from llama_ft.presets import load_llama_config
+from llama_ft.recipe import load_recipe, section_value
 
 PIN_KEYS = ("tp_size", "dp_shard_size", "dp_replicate_size", "activation_checkpointing", "micro_batch_size",
             "cpu_offload")
@@ -59,33 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify_top", type=int, metavar="K",
                         help="simulate the K best candidates (implies --verify)")
     return parser
-
-
-# =============================================================================================================
-# Recipe access (LightningCLI YAML: ``model: {init_args: {...}}`` or ``model: {...}``)
-# =============================================================================================================
-
-
-def load_recipe(path: str) -> dict[str, Any]:
-    """Read a recipe YAML as plain data; nothing in it is executed."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"recipe {path!r} does not exist; pass a LightningCLI YAML such as configs/default.yaml.")
-    data = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path!r} must be a YAML mapping with model/data/trainer sections.")
-    return data
-
-
-def section_value(recipe: dict[str, Any], section: str, key: str) -> Any:
-    """``recipe[section][key]`` or ``recipe[section]["init_args"][key]``, whichever the YAML uses; None if neither."""
-    block = recipe.get(section)
-    if not isinstance(block, dict):
-        return None
-    if key in block:
-        return block[key]
-    init_args = block.get("init_args")
-    return init_args.get(key) if isinstance(init_args, dict) else None
 
 
 def _is_auto(value: Any) -> bool:

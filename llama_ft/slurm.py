@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_ft.cli import DEFAULT_CONFIG
 from llama_ft.errors import ConfigError
-from llama_ft.plan_command import load_recipe
+from llama_ft.recipe import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN = REPO_ROOT / "main.py"
