@@ -7,7 +7,7 @@ from the same seed, on the same pre-collated micro-batches (the bundled sample t
 ``length_grouped``, 8 rows, max_length 512), served by the same ``DataLoader``, with the same torch thread count.
 The plain loop is the tutorial's: ``model(input_ids, attention_mask, labels)`` → ``loss.backward()`` →
 ``AdamW.step()`` → ``zero_grad()``. Lightning runs twice: bare (no progress bar, logger, checkpointing, model
-summary) and with the recipe's extras (``configs/default.yaml``: progress bar, TensorBoard logger every 5 steps,
+summary) and with the recipe's extras (``llama_ft/presets/default.yaml``: progress bar, TensorBoard logger every 5 steps,
 ``ModelCheckpoint``, ``LearningRateMonitor``, ``TokenThroughputMonitor``, model summary). Gradient clipping is off
 everywhere, so the arithmetic is the same on every side.
 

@@ -2,7 +2,7 @@
 
 For every row of a grid (model × world size × sequence × micro-batch × activation checkpointing, bf16-mixed, FSDP over
 the whole world, plus a few HSDP and FSDP × TP rows; Llama-3-70B on a smaller grid of its own) this prints the
-planner's predicted peak per rank next to the peak :func:`~llama_ft.parallel.simulate.simulate_peak_memory` measures,
+planner's predicted peak per rank next to the peak :func:`~llama_ft.parallel.planning.simulate.simulate_peak_memory` measures,
 and the error in percent; the target is every row within ±10 %. The default grid's table goes to
 ``benchmarks/results/planner_accuracy.md`` (``--quick`` and ``--models`` runs only print theirs).
 
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from llama_ft.parallel.cost_model import GiB, MemoryBreakdown, estimate_memory
+from llama_ft.parallel.planning.cost_model import GiB, MemoryBreakdown, estimate_memory
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.simulate import SimulationResult, simulate_peak_memory
-from llama_ft.parallel.specs import ModelSpec, TrainSpec
+from llama_ft.parallel.planning.simulate import SimulationResult, simulate_peak_memory
+from llama_ft.parallel.planning.specs import ModelSpec, TrainSpec
 from llama_ft.presets import load_llama_config
 
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3-8b", "llama-3-70b")

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from llama_ft.errors import PlanError
-from llama_ft.parallel.planner import plan_parallelism
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.planner import plan_parallelism
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 from llama_ft.presets import load_llama_config
 
 TARGET_S = 1.0

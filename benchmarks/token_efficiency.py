@@ -33,7 +33,7 @@ from llama_ft.data.batching import BATCHING_MODES, MicroBatchSampler, padded_wid
 
 TARGETS = {"pad_to_max": None, "length_grouped": 0.99, "packed": 0.999}
 MICRO_BATCH = 8
-SAMPLE_MAX_LENGTH = 512  # configs/default.yaml: the sample's articles average ~210 tokens
+SAMPLE_MAX_LENGTH = 512  # llama_ft/presets/default.yaml: the sample's articles average ~210 tokens
 CNN_MAX_LENGTH = 1024  # the recipe's value
 CNN_TRAIN_ROWS = 287_113
 # Template tokens around article and summary in Llama 3: <|begin_of_text|>[SUMMARIZE] … [/SUMMARIZE]\n … <eos>

@@ -14,7 +14,7 @@ from torchmetrics.text import Perplexity, ROUGEScore
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.errors import ConfigError
-from llama_ft.hf_io import load_full_weights, save_hf_directory
+from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
 from llama_ft.presets import as_llama_config, load_llama_config
 
 LrSchedule = Literal["constant", "cosine"]
@@ -44,7 +44,7 @@ class LlamaFineTuner(L.LightningModule):
     """Causal-LM fine-tuning of a Llama checkpoint or a random-init Llama config.
 
     Args:
-        model_config: architecture — a preset name (``configs/models/<name>.json``) or a LlamaConfig JSON path.
+        model_config: architecture — a preset name (``llama_ft/presets/models/<name>.json``) or a LlamaConfig JSON path.
             Alone, the model starts from random weights.
         model_name_or_path: hub id or local directory of a checkpoint to fine-tune (``from_pretrained``). When both
             are given, the checkpoint's architecture must match ``model_config``.

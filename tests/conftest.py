@@ -18,13 +18,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_ft.data.make_sample import SAMPLE_DATASET_DIR
+from llama_ft.data.sources import SAMPLE_ROOT
 from llama_ft.data.sources import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The bundled sample's README names the 3.0.0 config and its split globs, as the hub repository does.
-HUB_README = (SAMPLE_DATASET_DIR / "README.md").read_text()
+HUB_README = (SAMPLE_ROOT / "cnn_dailymail" / "README.md").read_text()
 
 
 def free_port() -> int:

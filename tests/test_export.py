@@ -18,12 +18,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llama_ft.cli import main
-from llama_ft.export import export_checkpoint
+from llama_ft.cli.export import export_checkpoint
 from llama_ft.presets import PRESETS_DIR
 from tests.conftest import REPO_ROOT, free_port
 
 RUN_TIMEOUT_S = 300
-ADVANCED = "--trainer.strategy=llama_ft.parallel.strategy.AdvancedParallelStrategy"
+ADVANCED = "--trainer.strategy=llama_ft.parallel.AdvancedParallelStrategy"
 
 
 def _fit_args(root: Path, *extra: str) -> list[str]:
@@ -40,11 +40,11 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
 def _fit_on_two_processes(root: Path, *extra: str) -> None:
     """Lightning's own launcher, watchdog on: ranks finishing at different times must not look like a death."""
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = _fit_args(root, "--trainer.devices=2", ADVANCED, "--trainer.callbacks+=llama_ft.faults.PeerWatchdog", *extra)
+    args = _fit_args(root, "--trainer.devices=2", ADVANCED, "--trainer.callbacks+=llama_ft.callbacks.PeerWatchdog", *extra)
     proc = subprocess.run([sys.executable, "main.py", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "llama_ft.faults" not in proc.stderr, proc.stderr[-4000:]
+    assert "llama_ft.callbacks.watchdog" not in proc.stderr, proc.stderr[-4000:]
 
 
 def _chosen_layout(root: Path) -> dict:
@@ -72,7 +72,7 @@ def _assert_round_trip(root: Path, expect_sharded: bool) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_single_device_checkpoint_round_trip(tmp_path):
-    main(_fit_args(tmp_path, "--trainer.plugins=llama_ft.checkpointing.AtomicCheckpointIO"))
+    main(_fit_args(tmp_path, "--trainer.plugins=llama_ft.checkpoint.AtomicCheckpointIO"))
     _assert_round_trip(tmp_path, expect_sharded=False)
 
 

@@ -3,7 +3,7 @@
 The 2-process runs are launched the way torchrun or srun launch them — each rank a child of the test, with
 ``LOCAL_RANK``/``WORLD_SIZE`` set — so the test sees every rank's exit code and no rank can outlive it. (Under
 Lightning's own launcher rank 0 also SIGKILLs the others when a child dies; these runs exercise the harder case where
-nothing but llama_ft.faults watches.)
+nothing but llama_ft.callbacks.watchdog watches.)
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import pytest
 import torch
 from torch.distributed import HashStore
 
-from llama_ft import checkpointing
-from llama_ft.checkpointing import partial_path, publish
-from llama_ft.export import read_checkpoint
-from llama_ft.faults import PeerWatchdog, _HeartbeatMonitor
+from llama_ft.checkpoint import atomic as checkpointing
+from llama_ft.checkpoint import partial_path, publish
+from llama_ft.cli.export import read_checkpoint
+from llama_ft.callbacks.watchdog import PeerWatchdog, _HeartbeatMonitor
 from tests.conftest import REPO_ROOT, free_port
 
 MAIN = REPO_ROOT / "main.py"
-STALLED_MAIN = Path(__file__).with_name("stalled_save_main.py")
+STALLED_MAIN = Path(__file__).parent / "scripts" / "stalled_save_main.py"
 STOP_WITHIN_S = 60
 RUN_TIMEOUT_S = 240
 
@@ -34,7 +34,7 @@ RUN_TIMEOUT_S = 240
 def _fit_args(root: Path, strategy: str, *extra: str) -> list[str]:
     return [
         "fit", "--trainer.devices=2", f"--trainer.strategy={strategy}",
-        "--trainer.callbacks+=llama_ft.faults.PeerWatchdog",
+        "--trainer.callbacks+=llama_ft.callbacks.PeerWatchdog",
         f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
         "--trainer.logger.init_args.version=run", f"--data.cache_dir={root / 'cache'}",
         "--data.max_examples_per_split=64", "--data.max_length=128", "--data.global_batch_size=4",
@@ -108,9 +108,9 @@ def test_killing_one_rank_stops_the_other_and_names_it(tmp_path, victim, strateg
     assert elapsed < STOP_WITHIN_S, (elapsed, logs[-4000:])
     survivor = 1 - victim
     if victim == 0:
-        assert f"[rank: {survivor}] llama_ft.faults: rank 0 (host of the rendezvous store" in logs, logs[-4000:]
+        assert f"[rank: {survivor}] llama_ft.callbacks.watchdog: rank 0 (host of the rendezvous store" in logs, logs[-4000:]
     else:
-        assert f"[rank: {survivor}] llama_ft.faults: rank 1 sent no heartbeat" in logs, logs[-4000:]
+        assert f"[rank: {survivor}] llama_ft.callbacks.watchdog: rank 1 sent no heartbeat" in logs, logs[-4000:]
 
 
 @pytest.mark.distributed
@@ -120,7 +120,7 @@ def test_kill_during_a_sharded_save_keeps_the_last_checkpoint(tmp_path):
     """FSDP on 2 ranks saves ``last.ckpt`` (a distributed checkpoint) at steps 2 and 4; rank 0 is killed while the
     step-4 save is written but not yet in place. ``last.ckpt`` must still be the complete step-2 checkpoint."""
     root, marker = tmp_path / "run", tmp_path / "stalled"
-    args = _fit_args(root, "llama_ft.parallel.strategy.AdvancedParallelStrategy",
+    args = _fit_args(root, "llama_ft.parallel.AdvancedParallelStrategy",
                      "--trainer.strategy.dp_shard_size=2", "--trainer.strategy.tp_size=1",
                      "--trainer.strategy.dp_replicate_size=1", "--trainer.max_steps=6", "--data.val_every_n_steps=2")
     procs = _launch(STALLED_MAIN, args, root, {"STALL_AT_SAVE": "2", "STALL_MARKER": str(marker)})
@@ -145,7 +145,7 @@ SAVER = """
 import sys
 from pathlib import Path
 import torch
-from llama_ft.checkpointing import AtomicCheckpointIO, partial_path, publish, remove_path
+from llama_ft.checkpoint import AtomicCheckpointIO, partial_path, publish, remove_path
 
 target, as_directory = Path(sys.argv[1]) / "last.ckpt", sys.argv[2] == "directory"
 for step in range(1_000_000):
@@ -257,7 +257,7 @@ def test_a_beating_or_finished_peer_is_not_declared_dead():
 
 @pytest.mark.timeout(30)
 def test_a_deliberate_exit_signs_off_instead_of_looking_like_a_death():
-    """llama_ft.resume ends a preempted run with SystemExit on every rank: no rank may report another as dead."""
+    """llama_ft.callbacks.preemption ends a preempted run with SystemExit on every rank: no rank may report another as dead."""
     store = HashStore()
     watchdog = PeerWatchdog(interval_s=0.05, stale_after_s=0.5)
     watchdog._monitor = _RecordingMonitor(store, "t", rank=1, world_size=2, interval_s=0.05, stale_after_s=0.5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_ft.plan_command import main
+from llama_ft.cli.plan import main
 from llama_ft.presets import PRESETS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_init_args_form_and_strategy_pins_apply(tmp_path, capsys):
         "model": {"class_path": "llama_ft.module.LlamaFineTuner", "init_args": {"model_config": "llama-tiny"}},
         "data": {"class_path": "x.DataModule", "init_args": {"max_length": 256, "global_batch_size": 8}},
         "trainer": {"precision": "32-true", "devices": 2,
-                    "strategy": {"class_path": "llama_ft.parallel.strategy.AdvancedParallelStrategy",
+                    "strategy": {"class_path": "llama_ft.parallel.AdvancedParallelStrategy",
                                  "init_args": {"tp_size": 2, "activation_checkpointing": "auto"}}},
     })
     data = run_json(["--config", str(recipe), "--gpu", "cpu"], capsys)
@@ -177,8 +177,8 @@ def test_verify_llama32_1b_on_eight_devices_agrees_within_ten_percent(capsys):
 
 def test_verify_replaces_a_plan_the_simulation_refutes(monkeypatch, capsys):
     """The simulator is replaced by one that says the planner's first choice needs 1 TiB: the next one is chosen."""
-    from llama_ft.parallel import verify
-    from llama_ft.parallel.simulate import SimulationResult
+    from llama_ft.parallel.planning import verify
+    from llama_ft.parallel.planning.simulate import SimulationResult
 
     refuted = []  # the first layout ever simulated: the planner's choice
 
@@ -203,8 +203,8 @@ def test_verify_replaces_a_plan_the_simulation_refutes(monkeypatch, capsys):
 
 
 def test_verify_exits_1_when_no_simulated_candidate_fits(monkeypatch, capsys):
-    from llama_ft.parallel import verify
-    from llama_ft.parallel.simulate import SimulationResult
+    from llama_ft.parallel.planning import verify
+    from llama_ft.parallel.planning.simulate import SimulationResult
 
     def too_big(config, layout, micro_batch, seq_len, **kwargs):
         return SimulationResult("llama-tiny", layout, micro_batch, seq_len, kwargs["precision"], "sdpa", 2**40, {})

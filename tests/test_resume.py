@@ -22,7 +22,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors.torch import load_file
 
 from llama_ft.data.batching import MicroBatchSampler
-from llama_ft.resume import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
+from llama_ft.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from tests.conftest import REPO_ROOT, free_port
 
 RUN_TIMEOUT_S = 420
@@ -79,8 +79,8 @@ def straight_runs(tmp_path_factory, cache) -> Callable[[int], Path]:
 
 def _preempted_then_resumed(tmp_path: Path, cache: Path, straight: Path, devices: int, step: int) -> tuple[float, str]:
     interrupted = tmp_path / "interrupted"
-    first = _fit(interrupted, cache, devices, "--trainer.callbacks+=tests.slurm.job_callbacks.SignalAtStep",
-                 f"--trainer.callbacks.step={step}", "--trainer.callbacks+=llama_ft.resume.PreemptionCheckpoint",
+    first = _fit(interrupted, cache, devices, "--trainer.callbacks+=tests.scripts.job_callbacks.SignalAtStep",
+                 f"--trainer.callbacks.step={step}", "--trainer.callbacks+=llama_ft.callbacks.PreemptionCheckpoint",
                  expect=PREEMPTED_EXIT_CODE)
     assert not (interrupted / "tiny" / "run" / "hf_model").exists()  # stopped: no end-of-training export
     last = interrupted / "tiny" / "run" / "checkpoints" / "last.ckpt"
@@ -120,7 +120,7 @@ def test_a_run_killed_without_warning_resumes_from_the_last_validation_checkpoin
     # What a requeue after a node failure does: no signal, no preemption checkpoint; ModelCheckpoint saved last.ckpt
     # at the validation after step 6 (mid-epoch), then the process died before step 7.
     crashed = tmp_path / "crashed"
-    _fit(crashed, cache, 1, "--trainer.callbacks+=tests.slurm.job_callbacks.DieAtStep", "--trainer.callbacks.step=6",
+    _fit(crashed, cache, 1, "--trainer.callbacks+=tests.scripts.job_callbacks.DieAtStep", "--trainer.callbacks.step=6",
          expect=7)
     second = _fit(crashed, cache, 1, "--ckpt_path=last")
     assert f"Restored all states from the checkpoint at {crashed / 'tiny' / 'run' / 'checkpoints' / 'last.ckpt'}" \

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_ft.slurm import main
+from llama_ft.cli.slurm import main
 from tests.conftest import REPO_ROOT
 
 FULL_RECIPE = str(REPO_ROOT / "configs" / "llama3_8b_cnn_dailymail.yaml")
@@ -43,7 +43,7 @@ def test_dry_run_of_the_full_recipe_prints_the_script_and_writes_nothing(no_slur
                  "llama_ft-llama3_8b_cnn_dailymail-%j.out",
                  f"--config {FULL_RECIPE}", "--trainer.num_nodes 2", "--trainer.devices 8",
                  '--trainer.logger.init_args.version "slurm-$SLURM_JOB_ID"',
-                 "--trainer.callbacks+=llama_ft.resume.PreemptionCheckpoint", "--ckpt_path last"):
+                 "--trainer.callbacks+=llama_ft.callbacks.PreemptionCheckpoint", "--ckpt_path last"):
         assert line in script, line
     assert "srun --kill-on-bad-exit=1 " in script and "main.py fit" in script
     assert "export MASTER_PORT=" in script and "export MASTER_ADDR=" in script

@@ -60,11 +60,11 @@ from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
 from llama_ft.module import LlamaFineTuner
-from llama_ft.parallel.cost_model import DEFAULT_COEFFICIENTS, GiB, estimate_memory, flops_per_token
+from llama_ft.parallel.planning.cost_model import DEFAULT_COEFFICIENTS, GiB, estimate_memory, flops_per_token
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.planner import PlanPins, plan_parallelism
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
-from llama_ft.parallel.strategy import AdvancedParallelStrategy
+from llama_ft.parallel.planning.planner import PlanPins, plan_parallelism
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.applying.strategy import AdvancedParallelStrategy
 from llama_ft.presets import load_llama_config
 
 START = time.monotonic()  # after the imports (20-40 s on a fresh machine), which the budget leaves room for

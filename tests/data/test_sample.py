@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llama_ft.data.make_sample import (
+from llama_ft.presets import PRESETS_DIR
+from tools.make_sample import (
     SAMPLE_CONFIG_NAME,
     SAMPLE_DATASET_DIR,
     SAMPLE_DIR,
@@ -22,7 +23,7 @@ from llama_ft.data.make_sample import (
     write_sample,
 )
 
-TINY_MODEL_PRESET = Path(__file__).parents[2] / "configs" / "models" / "llama-tiny.json"
+TINY_MODEL_PRESET = PRESETS_DIR / "llama-tiny.json"
 COLUMNS = ["article", "highlights", "id"]
 EXPECTED_ROWS = {"train": 3000, "validation": 300, "test": 300}
 LLAMA3_SPECIAL_TOKENS = [

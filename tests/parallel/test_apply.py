@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.errors import PlanError
-from llama_ft.parallel.apply import (
+from llama_ft.parallel.applying.apply import (
     apply_layout,
     build_device_mesh,
     check_tensor_parallel_fits,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_ft.parallel.clipping import clip_grad_norm_
+from llama_ft.parallel.applying.clipping import clip_grad_norm_
 
 
 def _params(scale: float) -> list[torch.nn.Parameter]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_ft.parallel.cost_model import (
+from llama_ft.parallel.planning.cost_model import (
     DEFAULT_COEFFICIENTS,
     PHASES,
     GiB,
@@ -26,8 +26,8 @@ from llama_ft.parallel.cost_model import (
     tracked_peak_bytes,
 )
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.simulate import simulate_peak_memory
-from llama_ft.parallel.specs import ModelSpec, TrainSpec
+from llama_ft.parallel.planning.simulate import simulate_peak_memory
+from llama_ft.parallel.planning.specs import ModelSpec, TrainSpec
 from llama_ft.presets import load_llama_config
 
 RECIPE = TrainSpec(seq_len=1024, global_batch_size=256, precision="bf16-mixed")

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from llama_ft.errors import PlanError
-from llama_ft.parallel.cost_model import GiB
+from llama_ft.parallel.planning.cost_model import GiB
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.planner import (
+from llama_ft.parallel.planning.planner import (
     NothingFitsError,
     PlanPins,
     plan_parallelism,
@@ -19,9 +19,9 @@ from llama_ft.parallel.planner import (
     smallest_fitting_cluster,
     valid_tp_sizes,
 )
-from llama_ft.parallel.report import format_plan_report, format_verification, plan_result_to_dict
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
-from llama_ft.parallel.verify import MAX_EXTRA_SIMULATIONS, verify_plan
+from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.verify import MAX_EXTRA_SIMULATIONS, verify_plan
 from llama_ft.presets import load_llama_config
 
 
@@ -189,7 +189,7 @@ def test_report_and_dict_describe_the_result():
 
 def fake_simulator(peaks: dict[int, float]):
     """A simulator that answers ``peaks[call number]`` bytes (default 1 GiB) and records what it was asked."""
-    from llama_ft.parallel.simulate import SimulationResult
+    from llama_ft.parallel.planning.simulate import SimulationResult
 
     asked: list[tuple[Layout, int]] = []
 

@@ -10,7 +10,7 @@ import pytest
 
 from llama_ft.errors import ConfigError, PlanError
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.simulate import SimulationResult, simulate_peak_memory
+from llama_ft.parallel.planning.simulate import SimulationResult, simulate_peak_memory
 from llama_ft.presets import load_llama_config
 
 SMALL_MODEL = "llama-tiny"

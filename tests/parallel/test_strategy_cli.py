@@ -42,7 +42,7 @@ def test_advanced_fits_the_embedded_default_on_two_processes(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_a_pin_that_cannot_work_fails_before_any_data_or_model_work(tmp_path):
-    proc = _fit(tmp_path, "--trainer.strategy=llama_ft.parallel.strategy.AdvancedParallelStrategy",
+    proc = _fit(tmp_path, "--trainer.strategy=llama_ft.parallel.AdvancedParallelStrategy",
                 "--trainer.strategy.tp_size=3")
     assert proc.returncode != 0
     assert "tp_size=3 does not divide num_attention_heads=4" in proc.stderr

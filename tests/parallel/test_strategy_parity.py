@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import REPO_ROOT, free_port, news_rows
 
-SCRIPT = Path(__file__).with_name("parity_fit.py")
+SCRIPT = Path(__file__).parent.parent / "scripts" / "parity_fit.py"
 LAUNCH_TIMEOUT_S = 400
 
 

@@ -23,7 +23,7 @@ from tests.slurm.cluster import FINAL_STATES, LocalSlurmCluster, missing_require
 MAX_STEPS = 10
 FIT_ARGS = ["--trainer.strategy=advanced", f"--trainer.max_steps={MAX_STEPS}", "--data.max_examples_per_split=64",
             "--data.val_every_n_steps=3", "--trainer.enable_progress_bar=false", "--model.max_new_tokens=4",
-            "--trainer.callbacks+=tests.slurm.job_callbacks.StepMarker"]
+            "--trainer.callbacks+=tests.scripts.job_callbacks.StepMarker"]
 SUBMIT_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420  # one attempt of a job, start to end, on 2 busy cores
 

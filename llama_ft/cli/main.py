@@ -12,13 +12,13 @@ import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in ev
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.module import LlamaFineTuner
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+from llama_ft.presets import DEFAULT_RECIPE as DEFAULT_CONFIG
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands that are not Trainer methods: name -> module with ``main(argv: list[str]) -> int``.
 EXTRA_COMMANDS = {
-    "plan": "llama_ft.plan_command",
-    "slurm": "llama_ft.slurm",
-    "export": "llama_ft.export",
+    "plan": "llama_ft.cli.plan",
+    "slurm": "llama_ft.cli.slurm",
+    "export": "llama_ft.cli.export",
 }
 
 

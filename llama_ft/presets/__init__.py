@@ -1,4 +1,6 @@
-"""Resolve a model config given as a preset name (a file stem in ``configs/models``) or a JSON path."""
+"""Package data: model presets (``models/<name>.json``) and the embedded default recipe (``default.yaml``).
+
+Shipped inside the package so a normal ``pip install`` finds them; a model is named by a preset or a JSON path."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 from llama_ft.errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESETS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "default.yaml"
 
 
 def preset_names() -> list[str]:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from llama_ft import AdvancedParallelStrategy, CNNDailyMailDataModule, LlamaFineTuner
-from llama_ft.hf_io import full_state_dict
+from llama_ft.checkpoint.huggingface import full_state_dict
 
 LAYOUTS = {
     "single": {},

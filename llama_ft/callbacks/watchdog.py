@@ -81,7 +81,7 @@ class _HeartbeatMonitor(threading.Thread):
     def fail(self, reason: str) -> NoReturn:
         """Name the failed rank and end this process at once: its collectives can never complete. Written straight
         to stderr because ``os._exit`` follows immediately, whatever logging is configured."""
-        sys.stderr.write(f"[rank: {self.rank}] llama_ft.faults: {reason}. Stopping rank {self.rank} "
+        sys.stderr.write(f"[rank: {self.rank}] llama_ft.callbacks.watchdog: {reason}. Stopping rank {self.rank} "
                          f"(exit code {PEER_FAILURE_EXIT_CODE}) instead of waiting for it.\n")
         sys.stderr.flush()
         os._exit(PEER_FAILURE_EXIT_CODE)
@@ -133,7 +133,7 @@ class PeerWatchdog(Callback):
         """A collective usually fails within a second of a peer's death, before the heartbeat rule fires; hold the
         exception a few seconds so the monitor can name the dead rank (it then ends the process). An exception with
         every rank alive passes after that wait, and the monitor stops: this rank now fails on its own error.
-        ``SystemExit`` and ``KeyboardInterrupt`` are deliberate stops (e.g. llama_ft.resume's preemption exit, raised
+        ``SystemExit`` and ``KeyboardInterrupt`` are deliberate stops (e.g. llama_ft.callbacks.preemption's preemption exit, raised
         on every rank), not deaths: the rank signs off at once, as at a normal end, and keeps its exit code."""
         if self._monitor is None:
             return

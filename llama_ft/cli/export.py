@@ -27,10 +27,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llama_ft.checkpointing import partial_path, publish, remove_path, resolve_checkpoint
+from llama_ft.checkpoint import partial_path, publish, remove_path, resolve_checkpoint
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
-from llama_ft.hf_io import save_hf_directory
+from llama_ft.checkpoint.huggingface import save_hf_directory
 from llama_ft.module import LlamaFineTuner
 from llama_ft.recipe import load_recipe, section_value
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from llama_ft.parallel.cost_model import DEFAULT_COEFFICIENTS, CostCoefficients, allowance_bytes
-from llama_ft.parallel.planner import Plan, PlanResult
-from llama_ft.parallel.simulate import PRECISIONS, SimulationResult, simulate_peak_memory
+from llama_ft.parallel.planning.cost_model import DEFAULT_COEFFICIENTS, CostCoefficients, allowance_bytes
+from llama_ft.parallel.planning.planner import Plan, PlanResult
+from llama_ft.parallel.planning.simulate import PRECISIONS, SimulationResult, simulate_peak_memory
 
 Simulator = Callable[..., SimulationResult]
 

@@ -16,10 +16,10 @@ from typing import Any
 from transformers import LlamaConfig
 
 from llama_ft.errors import ConfigError, PlanError
-from llama_ft.parallel.accelerators import accelerator_names
-from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
-from llama_ft.parallel.report import format_plan_report, format_verification, plan_result_to_dict
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
+from llama_ft.parallel.planning.accelerators import accelerator_names
+from llama_ft.parallel.planning.planner import PlanPins, PlanResult, plan_parallelism
+from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
 from llama_ft.presets import load_llama_config
 from llama_ft.recipe import load_recipe, section_value
 
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
 
 def print_verified(result: PlanResult, config: LlamaConfig, args: argparse.Namespace) -> int:
     """Simulate, replace the choice if it does not fit, print; exit 1 when no simulated candidate fits."""
-    from llama_ft.parallel.verify import verification_to_dict, verify_plan  # imports torch: only when asked
+    from llama_ft.parallel.planning.verify import verification_to_dict, verify_plan  # imports torch: only when asked
 
     verified = verify_plan(result, config, top_k=args.verify_top or 1)
     if args.json:

@@ -1,16 +1,16 @@
 """Build the bundled synthetic CNN/DailyMail sample and its Llama-3-style tokenizer.
 
-Why this exists: the embedded default (``configs/default.yaml``) must fine-tune end to end on a laptop CPU with
+Why this exists: the embedded default (``llama_ft/presets/default.yaml``) must fine-tune end to end on a laptop CPU with
 no network, yet the real dataset (``abisee/cnn_dailymail``, about 1.3 GB) and Meta's Llama 3 tokenizer (gated)
 cannot be fetched offline. This module writes a stand-in with the same shape: the Hugging Face hub layout of
 CNN/DailyMail 3.0.0 (``article``, ``highlights``, ``id``) filled with made-up news stories, plus a byte-level BPE
-tokenizer with Llama 3's special tokens and a 4,096-token vocabulary matching ``configs/models/llama-tiny.json``.
+tokenizer with Llama 3's special tokens and a 4,096-token vocabulary matching ``llama_ft/presets/models/llama-tiny.json``.
 
 No real article is copied: the stories are composed from the small vocabularies and templates below. Each
 story's highlights are its key-fact sentences, written the way CNN/DailyMail writes them (one per line, ending
 in `` .``), so a tiny model can visibly learn to pick them out within a minute of CPU training.
 
-Run ``python -m llama_ft.data.make_sample`` to rebuild the shipped files; a fixed seed makes the output
+Run ``python -m tools.make_sample`` to rebuild the shipped files; a fixed seed makes the output
 identical byte for byte.
 """
 
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-SAMPLE_DIR = Path(__file__).parent / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "llama_ft" / "data" / "sample"
 SAMPLE_DATASET_DIR = SAMPLE_DIR / "cnn_dailymail"
 SAMPLE_TOKENIZER_DIR = SAMPLE_DIR / "tokenizer"
 SAMPLE_CONFIG_NAME = "3.0.0"
@@ -725,7 +725,7 @@ highlight line is a key sentence of its article.
 
 Splits: {counts}.
 
-Regenerate (deterministic, byte for byte) with `python -m llama_ft.data.make_sample`.
+Regenerate (deterministic, byte for byte) with `python -m tools.make_sample`.
 """
 
 PARQUET_SCHEMA = pa.schema([("article", pa.string()), ("highlights", pa.string()), ("id", pa.string())])

@@ -2,7 +2,7 @@
 
 The script runs ``srun python main.py fit --config RECIPE --trainer.num_nodes N --trainer.devices D`` with one task
 per device (Lightning's ``SLURMEnvironment`` requires ``--ntasks-per-node``), asks SLURM for SIGUSR1 two minutes
-before the time limit and allows requeueing. ``llama_ft.resume.PreemptionCheckpoint`` answers that signal (checkpoint
+before the time limit and allows requeueing. ``llama_ft.callbacks.PreemptionCheckpoint`` answers that signal (checkpoint
 at the next optimizer step, ``scontrol requeue``, exit); the requeued job runs the same script, whose
 ``--ckpt_path last`` resumes from that checkpoint (a fresh job has none: Lightning warns and starts from scratch).
 Each job logs under its own version directory, ``slurm-<job id>``, which a requeued job keeps (same job id), so
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_ft.cli import DEFAULT_CONFIG
+from llama_ft.cli.main import DEFAULT_CONFIG
 from llama_ft.errors import ConfigError
 from llama_ft.recipe import load_recipe
 
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN = REPO_ROOT / "main.py"
 # Seconds before the time limit at which SLURM sends SIGUSR1: enough to finish a step and save a checkpoint.
 SIGNAL_WARNING_S = 120
-PREEMPTION_CALLBACK = "llama_ft.resume.PreemptionCheckpoint"
+PREEMPTION_CALLBACK = "llama_ft.callbacks.PreemptionCheckpoint"
 VERSION_PREFIX = "slurm-"
 # The Trainer's logger when a recipe names none (what Lightning would create, but with a version we can pin).
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"

@@ -131,7 +131,7 @@ def publish(partial: str | Path, target: str | Path) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` whose single-file saves cannot be torn by a crash (see the module docstring).
 
-    Enable it in a recipe with ``trainer.plugins: [llama_ft.checkpointing.AtomicCheckpointIO]``. Remote URLs
+    Enable it in a recipe with ``trainer.plugins: [llama_ft.checkpoint.AtomicCheckpointIO]``. Remote URLs
     (``s3://`` …) keep Lightning's own writer: object stores publish an object only once it is complete.
     """
 

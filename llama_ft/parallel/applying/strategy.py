@@ -21,13 +21,13 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
-from llama_ft import checkpointing
+from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.errors import ConfigError
-from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
-from llama_ft.parallel.clipping import clip_grad_norm_
-from llama_ft.parallel.planner import PlanPins, PlanResult, plan_parallelism
-from llama_ft.parallel.report import format_plan_report, plan_result_to_dict
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
+from llama_ft.parallel.applying.clipping import clip_grad_norm_
+from llama_ft.parallel.planning.planner import PlanPins, PlanResult, plan_parallelism
+from llama_ft.parallel.planning.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 
 Auto = Literal["auto"]
 PLAN_FILENAME = "plan.json"
@@ -203,7 +203,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Save beside ``filepath`` and swap the complete checkpoint in afterwards: Lightning rewrites ``last.ckpt``
-        in place, so a crash mid-save would otherwise tear the only resumable checkpoint (llama_ft.checkpointing)."""
+        in place, so a crash mid-save would otherwise tear the only resumable checkpoint (llama_ft.checkpoint)."""
         target = Path(self.broadcast(str(filepath)))
         partial = checkpointing.partial_path(target)
         if self.global_rank == 0:

@@ -2,7 +2,7 @@
 
 The real training step runs on fake tensors: a fake process group of ``layout.world_size`` ranks (this process is
 rank 0; collectives return without communicating), the model built on the meta device and parallelized by the same
-:func:`~llama_ft.parallel.apply.apply_layout` that training uses, then materialized as fake tensors under
+:func:`~llama_ft.parallel.applying.apply.apply_layout` that training uses, then materialized as fake tensors under
 ``FakeTensorMode``, and PyTorch's ``FSDPMemTracker`` counting every tensor FSDP, autograd and the optimizer allocate
 over two iterations (forward with labels → backward, once per micro-batch → AdamW step). This is the ground
 truth the planner's cost model is calibrated against (DESIGN §4).
@@ -33,7 +33,7 @@ import torch
 from transformers import LlamaConfig
 
 from llama_ft.errors import ConfigError, PlanError
-from llama_ft.parallel.apply import check_tensor_parallel_fits
+from llama_ft.parallel.applying.apply import check_tensor_parallel_fits
 from llama_ft.parallel.layout import Layout
 from llama_ft.presets import load_llama_config
 
@@ -261,7 +261,7 @@ def _simulate(request: _Request) -> SimulationResult:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaForCausalLM
 
-    from llama_ft.parallel.apply import apply_layout, build_device_mesh, materialize
+    from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
 
     torch.set_num_threads(1)  # fake tensors do no arithmetic; more threads only contend with the caller
     # FSDP2 warns that HF's output is a view (about in-place ops on it, which this step never does): noise here.

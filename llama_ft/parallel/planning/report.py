@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from llama_ft.parallel.cost_model import GiB
+from llama_ft.parallel.planning.cost_model import GiB
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.planner import NEAR_TIE, Plan, PlanResult, Rejection
+from llama_ft.parallel.planning.planner import NEAR_TIE, Plan, PlanResult, Rejection
 
 if TYPE_CHECKING:
-    from llama_ft.parallel.verify import Verification, VerifiedPlanResult
+    from llama_ft.parallel.planning.verify import Verification, VerifiedPlanResult
 
 # Breakdown terms and the short column titles the table gives them.
 _MEMORY_COLUMNS = (

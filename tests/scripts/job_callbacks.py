@@ -1,4 +1,4 @@
-"""Test-only callbacks that the tests' jobs load by class path (``--trainer.callbacks+=tests.slurm.job_callbacks.X``).
+"""Test-only callbacks that the tests' jobs load by class path (``--trainer.callbacks+=tests.scripts.job_callbacks.X``).
 
 They change nothing a model learns: ``StepMarker`` prints (and may slow down) optimizer steps so a test can signal a
 job while it trains; ``SignalAtStep`` makes rank 0 send itself the preemption signal at a chosen step; ``DieAtStep``

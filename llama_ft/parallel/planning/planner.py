@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from llama_ft.errors import PlanError
 from llama_ft.global_batch import valid_micro_batch_sizes
-from llama_ft.parallel.cost_model import (
+from llama_ft.parallel.planning.cost_model import (
     DEFAULT_COEFFICIENTS,
     CostCoefficients,
     GiB,
@@ -22,7 +22,7 @@ from llama_ft.parallel.cost_model import (
     model_flops_per_step,
 )
 from llama_ft.parallel.layout import AC_MODES, Layout
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 
 MAX_MICRO_BATCH = 64  # beyond this, throughput no longer improves and memory never fits for real models
 NEAR_TIE = 0.03  # plans within 3% of the best predicted tokens/s count as equally fast

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from llama_ft import checkpointing
+from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.cli import main
 
 _publish = checkpointing.publish

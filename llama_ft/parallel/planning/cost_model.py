@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from llama_ft.parallel.layout import Layout
-from llama_ft.parallel.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 
 GiB = 1024**3
 
