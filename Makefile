@@ -9,7 +9,9 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: install demo test lint bench slurm-packages
 
-$(STAMP): setup.cfg pyproject.toml
+# Everything that changes the install: the package metadata (dependencies, entry points, package data), the build
+# backend, and this file (TORCH_SPEC, the install commands).
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -43,4 +45,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --write

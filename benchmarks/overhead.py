@@ -7,9 +7,9 @@ from the same seed, on the same pre-collated micro-batches (the bundled sample t
 ``length_grouped``, 8 rows, max_length 512), served by the same ``DataLoader``, with the same torch thread count.
 The plain loop is the tutorial's: ``model(input_ids, attention_mask, labels)`` → ``loss.backward()`` →
 ``AdamW.step()`` → ``zero_grad()``. Lightning runs twice: bare (no progress bar, logger, checkpointing, model
-summary) and with the recipe's extras (``llama_ft/presets/default.yaml``: progress bar, TensorBoard logger every 5 steps,
-``ModelCheckpoint``, ``LearningRateMonitor``, ``TokenThroughputMonitor``, model summary). Gradient clipping is off
-everywhere, so the arithmetic is the same on every side.
+summary) and with the recipe's extras (``llama_ft/presets/default.yaml``: progress bar, TensorBoard logger every 5
+steps, ``ModelCheckpoint``, ``LearningRateMonitor``, ``TokenThroughputMonitor``, model summary). Gradient clipping is
+off everywhere, so the arithmetic is the same on every side.
 
 Why ``llama-tiny``: on one core of this CPU one of its steps takes about 0.25 s, the order of a real GPU step of a
 1-8 B model (0.3-1 s), so Lightning's fixed per-step Python cost weighs about as much as it would there; a smaller model
@@ -22,7 +22,8 @@ its next batch, so a Lightning step's time includes all its hooks, logging and d
 each are untimed; ratio = plain-loop seconds / Lightning seconds over the same ``TIMED`` steps (= tokens/s ratio,
 the tokens being the same), pooled over ``ROUNDS`` rounds. Torch runs one thread and the headline is on process CPU
 time (wall time beside it). A separate, untimed run under Lightning's ``SimpleProfiler`` says which hooks cost the
-recipe's extra time. Writes ``benchmarks/results/overhead.md``. Run: ``.venv/bin/python benchmarks/overhead.py``.
+recipe's extra time. Prints the table; ``--write`` also writes it to ``benchmarks/results/overhead.md``.
+Run: ``.venv/bin/python benchmarks/overhead.py [--write]``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -189,7 +192,11 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true",
+                        help="also write the table to benchmarks/results/overhead.md (default: print only)")
+    args = parser.parse_args(argv)
     quiet()
     torch.set_num_threads(THREADS)
     plain_cpu = {side: 0.0 for side in SIDES}
@@ -245,11 +252,11 @@ def main() -> None:
         f"(SimpleProfiler, separate untimed run): callback hooks {hooks}; and work in background threads, which "
         "process CPU time counts: the RichProgressBar's refresh thread and TensorBoard's async event writer.\n\n"
     )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(note + table + "\n")
-    print(table)
-    print(f"\nRecipe − bare: {per_step_gap * 1e3:+.1f} ms CPU per step (ratio spread {spread:.1%}); costliest hooks: "
-          f"{hooks}")
+    print(note + table)
+    if args.write:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(note + table + "\n")
+        print(f"wrote {RESULT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 For every row of a grid (model × world size × sequence × micro-batch × activation checkpointing, bf16-mixed, FSDP over
 the whole world, plus a few HSDP and FSDP × TP rows; Llama-3-70B on a smaller grid of its own) this prints the
-planner's predicted peak per rank next to the peak :func:`~llama_ft.parallel.planning.simulate.simulate_peak_memory` measures,
-and the error in percent; the target is every row within ±10 %. The default grid's table goes to
-``benchmarks/results/planner_accuracy.md`` (``--quick`` and ``--models`` runs only print theirs).
+planner's predicted peak per rank next to the peak
+:func:`~llama_ft.parallel.planning.simulate.simulate_peak_memory` measures, and the error in percent; the target is
+every row within ±10 %. With ``--write`` the default grid's table also goes to
+``benchmarks/results/planner_accuracy.md`` (``--quick`` and ``--models`` runs only ever print theirs).
 
 The prediction compared is the cost model's peak *without* its allowance (workspace + fragmentation): the simulation
 counts tensors only, so it has no allocator fragmentation and no cuBLAS/NCCL workspaces. The planner still adds the
@@ -14,7 +15,8 @@ Simulations are cached as JSON under ``benchmarks/results/cache/`` (keyed by mod
 sequence, precision and the torch/transformers versions), so a rerun after a cost-model change takes seconds; a
 fresh run takes about 15-25 minutes on 2 cores (``--quick``: a few minutes).
 
-Run: ``.venv/bin/python benchmarks/planner_accuracy.py [--models llama-3-8b ...] [--quick] [--jobs 2] [--refresh]``.
+Run: ``.venv/bin/python benchmarks/planner_accuracy.py [--models llama-3-8b ...] [--quick] [--jobs 2] [--refresh]
+[--write]``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from llama_ft.parallel.planning.cost_model import GiB, MemoryBreakdown, estimate_memory
 from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.memory import MemoryBreakdown, estimate_memory
 from llama_ft.parallel.planning.simulate import SimulationResult, simulate_peak_memory
 from llama_ft.parallel.planning.specs import ModelSpec, TrainSpec
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3-8b", "llama-3-70b")
@@ -199,7 +202,7 @@ iterations of one micro-batch each) at full size on fake tensors with a fake pro
 s×s bias per layer, as CUDA kernels do for padded (masked) batches, which is the cost model's default. Error =
 predicted / simulated − 1; the target is ±{tolerance:.0%} on every row. GiB = 2^30 bytes. The cost model's phases were
 calibrated on these rows (Llama-3-70B's excepted); simulations it was not fitted to (selective checkpointing, TP 8,
-DDP, gradient accumulation, bf16-true and 32-true) are checked in `tests/parallel/test_cost_model.py`.
+DDP, gradient accumulation, bf16-true and 32-true) are checked in `tests/parallel/test_memory.py`.
 
 """
 
@@ -211,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="simulations run at once, each a single-threaded process (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true", help="ignore the cache and simulate every row again")
+    parser.add_argument("--write", action="store_true",
+                        help="also write the table to benchmarks/results/planner_accuracy.md (default grid only; "
+                             "default: print only)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cases = grid(args.models, args.quick)
@@ -224,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     footer += f"\n\nCommand: `.venv/bin/python {command}` (simulations are cached in `benchmarks/results/cache/`)."
     print(text)
     print(footer)
-    if args.quick or args.models != list(MODELS):  # a partial grid must not replace the committed table
+    partial = args.quick or args.models != list(MODELS)
+    if args.write and partial:  # a partial grid must not replace the committed table
         print(f"(a partial grid: {RESULT.relative_to(RESULTS.parent.parent)} left as it was)", file=sys.stderr)
-    else:
+    elif args.write:
         RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n")
     return 0 if all(abs(e) <= TOLERANCE for e in errors) else 1
 

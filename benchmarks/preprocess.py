@@ -15,7 +15,8 @@ which the per-example tutorial cannot), so the headline ratio is taken on proces
 machine equals wall time and on a shared one leaves out the time other programs hold the cores; wall time is
 reported beside it.
 
-Writes ``benchmarks/results/preprocess.md``. Run: ``.venv/bin/python benchmarks/preprocess.py``.
+Prints the table; ``--write`` also writes it to ``benchmarks/results/preprocess.md``.
+Run: ``.venv/bin/python benchmarks/preprocess.py [--write]``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # single-threaded both sides: CPU time = wall time
 
+import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,7 +98,11 @@ def cold_and_cached_setup(cache_dir: str) -> tuple[float, list[float], int]:
     return cold, cached, sum(len(split) for split in first.splits.values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true",
+                        help="also write the table to benchmarks/results/preprocess.md (default: print only)")
+    args = parser.parse_args(argv)
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="preprocess_") as tmp:
         root = Path(tmp)
@@ -163,9 +170,11 @@ def main() -> None:
         "times only the tokenizer's own BPE work, which both sides pay: the tutorial / floor ratio bounds what any "
         "single-threaded tokenizing map can reach against the tutorial on these rows.\n\n"
     )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(note + table + "\n")
-    print(table)
+    print(note + table)
+    if args.write:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(note + table + "\n")
+        print(f"wrote {RESULT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ how many times more real tokens the same compute processes.
 Two data sets:
 (a) the bundled sample, through the real ``CNNDailyMailDataModule`` (its sampler, fetcher and collator), counting
     ``num_tokens`` against ``input_ids.numel()`` over one training epoch;
-(b) CNN/DailyMail-shaped lengths (287,113 training examples drawn to match §6 of DESIGN.md: articles ~870 Llama-3
+(b) CNN/DailyMail-shaped lengths (287,113 training examples drawn to match the published data set: articles ~870 Llama-3
     tokens on average with about a third over 1,024, highlights ~62) run through ``MicroBatchSampler`` and the
     collator's own width rule (``padded_width``) with no tokenization.
 
-Writes ``benchmarks/results/token_efficiency.md``. Run: ``.venv/bin/python benchmarks/token_efficiency.py``.
+Prints the table; ``--write`` also writes it to ``benchmarks/results/token_efficiency.md``.
+Run: ``.venv/bin/python benchmarks/token_efficiency.py [--write]``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +104,11 @@ def table_rows(data: str, counts: dict[str, tuple[int, int]]) -> list[str]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true",
+                        help="also write the table to benchmarks/results/token_efficiency.md (default: print only)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="token_eff_") as cache:
         sample = {mode: sample_counts(mode, cache) for mode in BATCHING_MODES}
@@ -121,9 +128,11 @@ def main() -> None:
         f"1,024; highlights {stats['highlights_mean']:.0f}; {stats['cut']:.0%} of examples cut to 1,024; mean "
         f"example {stats['length_mean']:.0f} tokens. Measured in {time.perf_counter() - start:.0f} s.\n\n"
     )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(note + table + "\n")
-    print(table)
+    print(note + table)
+    if args.write:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(note + table + "\n")
+        print(f"wrote {RESULT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity, ROUGEScore
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llama_ft.errors import ConfigError
 from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
-from llama_ft.presets import as_llama_config, load_llama_config
+from llama_ft.errors import ConfigError
+from llama_ft.presets import resolve_llama_config
 
 LrSchedule = Literal["constant", "cosine"]
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -42,6 +42,10 @@ def _resolve_local_checkpoint(name_or_path: str) -> Path:
 
 class LlamaFineTuner(L.LightningModule):
     """Causal-LM fine-tuning of a Llama checkpoint or a random-init Llama config.
+
+    It is what the ``advanced`` strategy plans for (``PlannableModule``): ``llama_config`` is the architecture,
+    ``configure_model`` builds ``self.model`` (on the meta device under that strategy), ``initialize_weights`` fills it
+    once it is parallelized. Lightning's own strategies use it as any LightningModule.
 
     Args:
         model_config: architecture — a preset name (``llama_ft/presets/models/<name>.json``) or a LlamaConfig JSON path.
@@ -77,7 +81,7 @@ class LlamaFineTuner(L.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'.")
         self.save_hyperparameters()
-        self.llama_config = self._resolve_config(model_config, model_name_or_path)
+        self.llama_config = resolve_llama_config(model_config, model_name_or_path)
         self.llama_config._attn_implementation = attn_implementation
         self.model: LlamaForCausalLM | None = None
         self.val_loss = MeanMetric()
@@ -87,34 +91,6 @@ class LlamaFineTuner(L.LightningModule):
         self.flops_per_batch = 0.0
 
     # ------------------------------------------------------------------------------------------ model build
-    @staticmethod
-    def _resolve_config(model_config: str | None, model_name_or_path: str | None) -> LlamaConfig:
-        """Architecture first (cheap, no weights): a preset/JSON, else the checkpoint's own config."""
-        if model_config is not None:
-            config = load_llama_config(model_config)
-            if model_name_or_path is not None and Path(model_name_or_path).is_dir():
-                weights_config = load_llama_config(model_name_or_path)
-                keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                        "intermediate_size", "vocab_size")
-                diff = {k: (getattr(config, k), getattr(weights_config, k)) for k in keys
-                        if getattr(config, k) != getattr(weights_config, k)}
-                if diff:
-                    raise ConfigError(f"model_config and the checkpoint disagree on {diff}; drop one of them.")
-            return config
-        if Path(str(model_name_or_path)).is_dir():
-            return load_llama_config(str(model_name_or_path))
-        from transformers import AutoConfig
-
-        try:
-            return as_llama_config(AutoConfig.from_pretrained(model_name_or_path), source=str(model_name_or_path))
-        except ConfigError:
-            raise
-        except Exception as err:
-            raise ConfigError(
-                f"cannot read the config of {model_name_or_path!r} ({type(err).__name__}). Offline, set "
-                "model.model_config to a preset (e.g. llama-3-8b) and model.model_name_or_path to a local copy."
-            ) from err
-
     def validate_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Refuse a tokenizer whose ids the embedding table cannot hold (called before any tokenizing)."""
         if len(tokenizer) > self.llama_config.vocab_size:

@@ -1,4 +1,7 @@
-"""Shared fixtures: offline Hub, the bundled tokenizer, tiny Llama configs and hub-layout data folders."""
+"""Shared fixtures: offline Hub, the bundled tokenizer, tiny Llama configs and hub-layout data folders.
+
+Only fixtures live here; plain helpers (paths, ports, configs, rows) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,37 +20,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_ft.data.sources import SAMPLE_ROOT
 from llama_ft.data.sources import load_tokenizer
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# The bundled sample's README names the 3.0.0 config and its split globs, as the hub repository does.
-HUB_README = (SAMPLE_ROOT / "cnn_dailymail" / "README.md").read_text()
-
-
-def free_port() -> int:
-    """A port nobody holds right now (fixed 29500-range ports clash on shared machines)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import HUB_README, tiny_llama_config
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer("sample")
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    config = LlamaConfig(**values)
-    config._attn_implementation = "sdpa"
-    return config
 
 
 @pytest.fixture
@@ -82,14 +60,3 @@ def make_hub_dir(tmp_path) -> Callable[..., Path]:
         return root
 
     return make
-
-
-def news_rows(n: int, article_words: int = 60, prefix: str = "r") -> list[dict]:
-    return [
-        {
-            "article": " ".join(f"word{(i + j) % 50}" for j in range(article_words)) + " The end.",
-            "highlights": f"Story {i} is short .\nIt ends here .",
-            "id": f"{prefix}{i:039d}",
-        }
-        for i in range(n)
-    ]

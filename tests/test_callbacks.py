@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from llama_ft.callbacks import TokenThroughputMonitor
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.module import LlamaFineTuner
-from tests.conftest import news_rows
+from tests.helpers import news_rows
 
 
 class _Tokens(L.Callback):

@@ -18,9 +18,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llama_ft.cli import main
-from llama_ft.cli.export import export_checkpoint
 from llama_ft.presets import PRESETS_DIR
-from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, free_port
 
 RUN_TIMEOUT_S = 300
 ADVANCED = "--trainer.strategy=llama_ft.parallel.AdvancedParallelStrategy"
@@ -40,7 +39,8 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
 def _fit_on_two_processes(root: Path, *extra: str) -> None:
     """Lightning's own launcher, watchdog on: ranks finishing at different times must not look like a death."""
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = _fit_args(root, "--trainer.devices=2", ADVANCED, "--trainer.callbacks+=llama_ft.callbacks.PeerWatchdog", *extra)
+    args = _fit_args(root, "--trainer.devices=2", ADVANCED, "--trainer.callbacks+=llama_ft.callbacks.PeerWatchdog",
+                     *extra)
     proc = subprocess.run([sys.executable, "main.py", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -127,23 +127,24 @@ def test_export_errors_say_what_is_wrong(tmp_path, tiny_checkpoint, capsys):
         assert message in capsys.readouterr().err, message
 
 
-def test_export_refuses_to_overwrite_a_directory_that_is_no_export(tmp_path):
+def test_export_refuses_to_overwrite_a_directory_that_is_no_export(tmp_path, capsys):
     keep = tmp_path / "precious"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not a Hugging Face directory"):
-        export_checkpoint(tmp_path / "any.ckpt", keep)
+    assert main(["export", "--ckpt", str(tmp_path / "any.ckpt"), "--out", str(keep)]) == 2
+    assert "is not a Hugging Face directory" in capsys.readouterr().err
     assert (keep / "notes.txt").read_text() == "mine"
 
 
-def test_recipe_supplies_the_model_when_the_checkpoint_has_no_hyper_parameters(tmp_path):
+def test_recipe_supplies_the_model_when_the_checkpoint_has_no_hyper_parameters(tmp_path, capsys):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaForCausalLM.config_class.from_json_file(PRESETS_DIR / "llama-tiny.json"))
     ckpt = _lightning_file(tmp_path / "bare.ckpt", state_dict={f"model.{k}": v for k, v in model.state_dict().items()})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model:\n  model_config: llama-tiny\ndata:\n  tokenizer: sample\n")
-    out, note = export_checkpoint(ckpt, tmp_path / "out", recipe=str(recipe))
-    assert note is None and (out / "tokenizer.json").is_file()
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--config", str(recipe)]) == 0
+    assert "warning:" not in capsys.readouterr().err and (out / "tokenizer.json").is_file()
     exported = LlamaForCausalLM.from_pretrained(out)
     for key, value in model.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key

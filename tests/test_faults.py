@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.distributed import HashStore
 
+from llama_ft.callbacks.watchdog import PeerWatchdog, _HeartbeatMonitor
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.checkpoint import partial_path, publish
-from llama_ft.cli.export import read_checkpoint
-from llama_ft.callbacks.watchdog import PeerWatchdog, _HeartbeatMonitor
-from tests.conftest import REPO_ROOT, free_port
+from llama_ft.checkpoint.reader import read_checkpoint
+from tests.helpers import REPO_ROOT, free_port
 
 MAIN = REPO_ROOT / "main.py"
 STALLED_MAIN = Path(__file__).parent / "scripts" / "stalled_save_main.py"
@@ -108,7 +108,8 @@ def test_killing_one_rank_stops_the_other_and_names_it(tmp_path, victim, strateg
     assert elapsed < STOP_WITHIN_S, (elapsed, logs[-4000:])
     survivor = 1 - victim
     if victim == 0:
-        assert f"[rank: {survivor}] llama_ft.callbacks.watchdog: rank 0 (host of the rendezvous store" in logs, logs[-4000:]
+        expected = f"[rank: {survivor}] llama_ft.callbacks.watchdog: rank 0 (host of the rendezvous store"
+        assert expected in logs, logs[-4000:]
     else:
         assert f"[rank: {survivor}] llama_ft.callbacks.watchdog: rank 1 sent no heartbeat" in logs, logs[-4000:]
 
@@ -257,7 +258,7 @@ def test_a_beating_or_finished_peer_is_not_declared_dead():
 
 @pytest.mark.timeout(30)
 def test_a_deliberate_exit_signs_off_instead_of_looking_like_a_death():
-    """llama_ft.callbacks.preemption ends a preempted run with SystemExit on every rank: no rank may report another as dead."""
+    """PreemptionCheckpoint ends a preempted run with SystemExit on every rank: no rank may report another as dead."""
     store = HashStore()
     watchdog = PeerWatchdog(interval_s=0.05, stale_after_s=0.5)
     watchdog._monitor = _RecordingMonitor(store, "t", rank=1, world_size=2, interval_s=0.05, stale_after_s=0.5)

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import ConfigError
 from llama_ft.module import LlamaFineTuner
-from tests.conftest import news_rows
+from tests.helpers import news_rows
 
 
 class _FirstBatch(L.Callback):

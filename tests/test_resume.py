@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors.torch import load_file
 
-from llama_ft.data.batching import MicroBatchSampler
 from llama_ft.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
-from tests.conftest import REPO_ROOT, free_port
+from llama_ft.data.batching import MicroBatchSampler
+from tests.helpers import REPO_ROOT, free_port
 
 RUN_TIMEOUT_S = 420
 # 64 training rows: 8 micro-batches of 8 per epoch. One process accumulates 2 (4 steps per epoch); two data-parallel

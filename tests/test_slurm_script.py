@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_ft.cli.slurm import main
-from tests.conftest import REPO_ROOT
+from llama_ft.cli import main as cli_main
+from llama_ft.presets import DEFAULT_RECIPE
+from tests.helpers import REPO_ROOT
 
 FULL_RECIPE = str(REPO_ROOT / "configs" / "llama3_8b_cnn_dailymail.yaml")
 
@@ -25,6 +26,14 @@ def no_slurm(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     return tmp_path
+
+
+def main(argv: list[str]) -> int:
+    """``llama-ft slurm ARGV``; an argument the parser refuses exits 2 as on the command line."""
+    try:
+        return cli_main(["slurm", *argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
 
 
 def _dry_run(capsys, *args: str) -> str:
@@ -45,7 +54,7 @@ def test_dry_run_of_the_full_recipe_prints_the_script_and_writes_nothing(no_slur
                  '--trainer.logger.init_args.version "slurm-$SLURM_JOB_ID"',
                  "--trainer.callbacks+=llama_ft.callbacks.PreemptionCheckpoint", "--ckpt_path last"):
         assert line in script, line
-    assert "srun --kill-on-bad-exit=1 " in script and "main.py fit" in script
+    assert "srun --kill-on-bad-exit=1 " in script and " -m llama_ft fit" in script
     assert "export MASTER_PORT=" in script and "export MASTER_ADDR=" in script
     assert "--account" not in script and "--cpus-per-task" not in script
     assert list(no_slurm.iterdir()) == []  # a dry run writes nothing
@@ -65,7 +74,7 @@ def test_the_script_is_valid_bash(no_slurm, capsys):
 
 def test_the_embedded_default_runs_on_cpus_without_gpus(no_slurm, capsys):
     script = _dry_run(capsys, "--nodes", "1", "--devices", "2")
-    assert f"--config {REPO_ROOT / 'configs' / 'default.yaml'}" in script
+    assert f"--config {DEFAULT_RECIPE}" in script
     assert "--gpus-per-node" not in script  # trainer.accelerator: cpu
     assert f"#SBATCH --output={no_slurm}/runs/default/tiny/slurm/llama_ft-default-%j.out" in script
     assert "--gpus-per-node=2" in _dry_run(capsys, "--nodes", "1", "--devices", "2", "--trainer.accelerator=gpu")
@@ -106,12 +115,18 @@ def test_arguments_the_script_owns_are_refused(no_slurm, capsys, arg):
 
 def test_bad_values_are_refused_with_the_fix(no_slurm, capsys):
     assert main(["--devices", "0", "--dry_run"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "--devices" in capsys.readouterr().err
     assert main(["--config", _recipe(no_slurm, {"devices": "auto"}), "--dry_run"]) == 2
     assert "pass --devices" in capsys.readouterr().err
-    assert main(["--config", _recipe(no_slurm, {"logger": [{"class_path": "x"}, {"class_path": "y"}]}),
-                 "--dry_run"]) == 2
+    two_loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "a"}}] * 2
+    assert main(["--config", _recipe(no_slurm, {"logger": two_loggers}), "--dry_run"]) == 2
     assert "one logger given by class_path" in capsys.readouterr().err
+    # A time limit SLURM would refuse, and a typo in an option meant for `fit`, fail here, not on the cluster.
+    assert main(["--devices", "2", "--time", "24h", "--dry_run"]) == 2
+    assert "--time" in capsys.readouterr().err
+    assert main(["--devices", "2", "--trainer.max_stepz", "5", "--dry_run"]) == 2
+    assert "max_stepz" in capsys.readouterr().err
+    assert list(no_slurm.iterdir()) == ["recipe.yaml"] or [p.name for p in no_slurm.iterdir()] == ["recipe.yaml"]
 
 
 def test_without_sbatch_submission_says_what_to_do(no_slurm, capsys):

@@ -20,7 +20,7 @@ random-token micro-batches (every token real, labels = inputs as in the tutorial
   1)``, ``TrainSpec(seq_len=2048, global_batch_size=micro-batch, precision="bf16-mixed")``, ``plan_parallelism``
   with the same pins). The planner models the Lightning run (FSDP2 on one device); the plain-loop row's prediction
   is ``estimate_memory`` with ``fsdp_for_every_layout=False`` (autocast weight copies, no FSDP buffers).
-- MFU = tokens/s × FLOPs per token (``cost_model.flops_per_token``: 6 per matmul weight + attention) / 989 TFLOP/s;
+- MFU = tokens/s × FLOPs per token (``step_time.flops_per_token``: 6 per matmul weight + attention) / 989 TFLOP/s;
   recomputation is not counted as useful work.
 
 Budget (fits in 8 minutes): each of the 4 runs (plain/Lightning × AC none/full) builds its model, takes
@@ -30,13 +30,14 @@ imports, so under 7.5 minutes in all) skips a run that the longest run so far sa
 early (timing the steps done). A run that fails (e.g. out of memory) is
 reported in its row and the others still run; the exit status is then 1.
 
-Run from the repo root on the H200 machine (writes ``$OUT/h200_throughput.md`` when ``OUT`` is set, else
-``benchmarks/results/h200_throughput.md``)::
+Run from the repo root on the H200 machine. It prints the table; it writes it to ``$OUT/h200_throughput.md`` when
+``OUT`` is set, else with ``--write`` to ``benchmarks/results/h200_throughput.md``, else nowhere::
 
-    python benchmarks/gpu/h200_throughput.py
+    python benchmarks/gpu/h200_throughput.py --write
 
 ``--smoke`` runs the same code on the CPU with ``llama-tiny``, sequence 128 and a few steps (about a minute) to check
-the script end to end; its table goes to ``$OUT`` or a temporary directory, never to ``benchmarks/results``.
+the script end to end; its table goes to ``$OUT`` (or, with ``--write``, a temporary directory), never to
+``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
 from llama_ft.module import LlamaFineTuner
-from llama_ft.parallel.planning.cost_model import DEFAULT_COEFFICIENTS, GiB, estimate_memory, flops_per_token
+from llama_ft.parallel.applying.strategy import AdvancedParallelStrategy
 from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS
+from llama_ft.parallel.planning.memory import estimate_memory
 from llama_ft.parallel.planning.planner import PlanPins, plan_parallelism
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
-from llama_ft.parallel.applying.strategy import AdvancedParallelStrategy
+from llama_ft.parallel.planning.step_time import flops_per_token
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
 START = time.monotonic()  # after the imports (20-40 s on a fresh machine), which the budget leaves room for
@@ -87,6 +91,7 @@ class Setup:
     accelerator: str  # the planner's device table entry (peak FLOP/s, memory)
     budget_s: float
     smoke: bool
+    write: bool  # --write: the table goes to benchmarks/results (smoke: a temporary directory) when $OUT is unset
 
 
 @dataclass
@@ -109,12 +114,15 @@ def parse_args(argv: list[str] | None = None) -> Setup:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 3; smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20; smoke 2)")
     parser.add_argument("--budget-s", type=float, default=390.0, help="time guard, seconds after the imports")
+    parser.add_argument("--write", action="store_true",
+                        help="write the table to benchmarks/results/h200_throughput.md (smoke: a temporary directory) "
+                             "when OUT is not set (default: print only; $OUT/h200_throughput.md when OUT is set)")
     args = parser.parse_args(argv)
     if args.smoke:
         return Setup("llama-tiny", 128, args.micro_batch or 2, args.warmup or 1, args.steps or 2, "cpu", "cpu",
-                     args.budget_s, True)
+                     args.budget_s, True, args.write)
     return Setup("llama-3.2-1b", 2048, args.micro_batch or 8, args.warmup or 3, args.steps or 20, "cuda",
-                 "h200-141gb", args.budget_s, False)
+                 "h200-141gb", args.budget_s, False, args.write)
 
 
 # ----------------------------------------------------------------------------------------------------- timing
@@ -344,10 +352,13 @@ def device_name(setup: Setup) -> str:
     return "CPU (smoke mode)"
 
 
-def output_path(setup: Setup) -> Path:
+def output_path(setup: Setup) -> Path | None:
+    """``$OUT`` when set; else, with ``--write``, benchmarks/results (smoke: a temporary directory); else None."""
     name = "h200_throughput_smoke.md" if setup.smoke else "h200_throughput.md"
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"]) / name
+    if not setup.write:
+        return None
     if setup.smoke:
         return Path(tempfile.mkdtemp(prefix="h200_smoke_")) / name
     return RESULTS / name
@@ -413,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         "`padding_mask=False` to match these rows; the allowance is its workspace + fragmentation term. Total wall "
         f"time {time.monotonic() - START:.0f} s (budget {setup.budget_s:.0f} s).\n\n"
     )
-    out = output_path(setup)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + table + "\n")
     print(table)
-    print(f"\nwritten to {out}")
+    out = output_path(setup)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(header + table + "\n")
+        print(f"\nwritten to {out}")
     return 1 if failed else 0
 
 

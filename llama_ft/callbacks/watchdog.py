@@ -133,8 +133,8 @@ class PeerWatchdog(Callback):
         """A collective usually fails within a second of a peer's death, before the heartbeat rule fires; hold the
         exception a few seconds so the monitor can name the dead rank (it then ends the process). An exception with
         every rank alive passes after that wait, and the monitor stops: this rank now fails on its own error.
-        ``SystemExit`` and ``KeyboardInterrupt`` are deliberate stops (e.g. llama_ft.callbacks.preemption's preemption exit, raised
-        on every rank), not deaths: the rank signs off at once, as at a normal end, and keeps its exit code."""
+        ``SystemExit`` and ``KeyboardInterrupt`` are deliberate stops (e.g. the preemption exit, raised on every
+        rank), not deaths: the rank signs off at once, as at a normal end, and keeps its exit code."""
         if self._monitor is None:
             return
         if isinstance(exception, (SystemExit, KeyboardInterrupt)):

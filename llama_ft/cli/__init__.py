@@ -1,4 +1,4 @@
-"""The one command-line program (``llama-ft`` / ``python main.py``): fit, validate, test, predict, plan, slurm, export."""
+"""The one command-line program, ``llama-ft`` (= ``python main.py``): fit validate test predict plan slurm export."""
 
 from llama_ft.cli.main import main
 

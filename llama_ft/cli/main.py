@@ -1,58 +1,128 @@
-"""Command-line entry: LightningCLI for fit/validate/test/predict, plus the project's own commands."""
+"""The ``llama-ft`` program: LightningCLI's fit/validate/test/predict plus the plan, slurm and export commands.
+
+Every command parses recipes with the same parser pieces (Trainer, ``LlamaFineTuner``, ``CNNDailyMailDataModule``),
+so a recipe means the same thing everywhere and defaults come from the classes' signatures. The extra commands
+parse but never instantiate the classes: they read the parsed recipe and do their own job.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
 from llama_ft.data import CNNDailyMailDataModule
+from llama_ft.errors import LlamaFTError
 from llama_ft.module import LlamaFineTuner
+from llama_ft.presets import DEFAULT_RECIPE
 
-from llama_ft.presets import DEFAULT_RECIPE as DEFAULT_CONFIG
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-# Commands that are not Trainer methods: name -> module with ``main(argv: list[str]) -> int``.
-EXTRA_COMMANDS = {
-    "plan": "llama_ft.cli.plan",
-    "slurm": "llama_ft.cli.slurm",
-    "export": "llama_ft.cli.export",
-}
+# Commands that are not Trainer methods, each a module with DESCRIPTION, add_arguments(parser) and
+# run(config, argv) -> exit code, and optionally SHORTHANDS (option aliases) and check_arguments(argv) (refusals
+# before parsing). ``slurm`` runs ``fit`` later, so the embedded default applies to it too.
+EXTRA_COMMANDS = {"plan": "llama_ft.cli.plan", "slurm": "llama_ft.cli.slurm", "export": "llama_ft.cli.export"}
+EMBEDDED_DEFAULT_COMMANDS = (*TRAINER_COMMANDS, "slurm")
+
+
+def _extra_command(name: str) -> ModuleType:
+    return importlib.import_module(EXTRA_COMMANDS[name])
 
 
 class LlamaCLI(LightningCLI):
-    """LightningCLI bound to LlamaFineTuner and CNNDailyMailDataModule."""
+    """LightningCLI bound to LlamaFineTuner and CNNDailyMailDataModule, with the project's own commands added."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.exit_code = 0
+        self._argv = list(args if args is not None else sys.argv[1:])
         super().__init__(
             LlamaFineTuner,
             CNNDailyMailDataModule,
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "Fine-tune Llama on CNN/DailyMail; plan, submit and export the runs."},
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """``main(argv)`` passes the arguments on purpose (Lightning warns when ``sys.argv`` holds others)."""
+        self.config = parser.parse_args(args)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's Trainer commands, then each extra command with the recipe arguments plus its own."""
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for name in EXTRA_COMMANDS:
+            command = _extra_command(name)
+            sub = self.init_parser(description=command.DESCRIPTION)
+            self._add_arguments(sub)
+            command.add_arguments(sub)
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=command.DESCRIPTION)
+
+    def _set_seed(self) -> None:
+        if self.subcommand not in EXTRA_COMMANDS:  # the extra commands draw no random numbers
+            super()._set_seed()
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand not in EXTRA_COMMANDS:
+            super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in EXTRA_COMMANDS:
+            super()._run_subcommand(subcommand)
+            return
+        config: Namespace = self.config[subcommand]
+        self.exit_code = _extra_command(subcommand).run(config, self._argv[1:])
 
 
 def with_default_config(argv: list[str]) -> list[str]:
-    """``python main.py fit`` with no ``--config`` runs the embedded default (configs/default.yaml)."""
-    if argv and argv[0] in TRAINER_COMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=")
-                                                         for a in argv[1:]):
-        return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+    """``fit`` (and the other commands that train) with no ``--config`` run the embedded default recipe."""
+    if argv and argv[0] in EMBEDDED_DEFAULT_COMMANDS and not any(
+        a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]
+    ):
+        return [argv[0], "--config", str(DEFAULT_RECIPE), *argv[1:]]
     return argv
 
 
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """An extra command's ``SHORTHANDS`` (e.g. plan's ``--model NAME``) become the recipe keys they stand for; a
+    value that is a YAML file keeps its LightningCLI meaning (the section's config file)."""
+    if not argv or argv[0] not in EXTRA_COMMANDS:
+        return argv
+    shorthands: dict[str, str] = getattr(_extra_command(argv[0]), "SHORTHANDS", {})
+    out = [argv[0]]
+    args = iter(argv[1:])
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in shorthands:
+            value = value if eq else next(args, "")
+            out += [flag if value.endswith((".yaml", ".yml")) else shorthands[flag], value]
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 2 with one line on stderr for input that cannot work (argument
+    errors exit 2 through the parser), the traceback too when LLAMA_FT_DEBUG=1."""
     from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
-    argv = with_default_config(argv)
-    if from_command_line:
-        # Lightning re-launches sys.argv in each extra process; keep the resolved arguments there too.
-        sys.argv[1:] = argv
-        LlamaCLI()
-    else:
-        LlamaCLI(args=argv)
-    return 0
+    argv = expand_shorthands(with_default_config(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            getattr(_extra_command(argv[0]), "check_arguments", lambda _: None)(argv[1:])
+        if from_command_line:
+            # Lightning re-launches sys.argv in each extra process; keep the resolved arguments there too.
+            sys.argv[1:] = argv
+            return LlamaCLI().exit_code
+        return LlamaCLI(args=argv).exit_code
+    except LlamaFTError as err:
+        if os.environ.get("LLAMA_FT_DEBUG") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,6 +1,6 @@
-"""``python main.py slurm``: write an sbatch script for a recipe beside the run's logs and submit it.
+"""``llama-ft slurm``: write an sbatch script for a recipe beside the run's logs and submit it.
 
-The script runs ``srun python main.py fit --config RECIPE --trainer.num_nodes N --trainer.devices D`` with one task
+The script runs ``srun python -m llama_ft fit --config RECIPE --trainer.num_nodes N --trainer.devices D`` with one task
 per device (Lightning's ``SLURMEnvironment`` requires ``--ntasks-per-node``), asks SLURM for SIGUSR1 two minutes
 before the time limit and allows requeueing. ``llama_ft.callbacks.PreemptionCheckpoint`` answers that signal (checkpoint
 at the next optimizer step, ``scontrol requeue``, exit); the requeued job runs the same script, whose
@@ -8,12 +8,12 @@ at the next optimizer step, ``scontrol requeue``, exit); the requeued job runs t
 Each job logs under its own version directory, ``slurm-<job id>``, which a requeued job keeps (same job id), so
 ``last`` finds that job's checkpoint and nothing else.
 
-Everything else the recipe says applies unchanged; arguments this command does not know are passed on to ``fit``.
+Everything else the recipe says applies unchanged. Every other option is a ``fit`` option: it is parsed (and so
+checked) here with the ``fit`` parser before anything is written, then passed on to ``fit``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -23,14 +23,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from llama_ft.cli.main import DEFAULT_CONFIG
+from jsonargparse import Namespace
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_string_type
+from lightning.pytorch.cli import LightningArgumentParser
+
 from llama_ft.errors import ConfigError
-from llama_ft.recipe import load_recipe
+from llama_ft.presets import DEFAULT_RECIPE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MAIN = REPO_ROOT / "main.py"
+DESCRIPTION = ("Write an sbatch script that fine-tunes a recipe under SLURM (requeued and resumed on preemption) and "
+               "submit it; every fit option is passed on to fit.")
+# This command's own options (the rest go to ``fit``): those that take a value, and flags.
+OWN_OPTIONS = ("--nodes", "--devices", "--partition", "--time", "--account", "--cpus_per_task", "--gpus_per_node",
+               "--job_name")
+OWN_FLAGS = ("--dry_run",)
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or unlimited.
+SlurmTime = restricted_string_type(
+    "SlurmTime", r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite))$"
+)
 # Seconds before the time limit at which SLURM sends SIGUSR1: enough to finish a step and save a checkpoint.
 SIGNAL_WARNING_S = 120
 PREEMPTION_CALLBACK = "llama_ft.callbacks.PreemptionCheckpoint"
@@ -44,7 +54,7 @@ SUBMIT_TIMEOUT_S = 120
 class SbatchJob:
     """Everything an sbatch script for one ``fit`` needs; paths are absolute."""
 
-    config: Path
+    configs: tuple[Path, ...]
     nodes: int
     devices: int
     job_name: str
@@ -52,7 +62,6 @@ class SbatchJob:
     workdir: Path
     logs_dir: Path  # holds the run's version directories (or is the run's directory when there is no logger)
     python: str = sys.executable
-    main: Path = MAIN
     gpus_per_node: int | None = None
     partition: str | None = None
     time: str | None = None
@@ -64,7 +73,7 @@ class SbatchJob:
 
 
 def render_sbatch_script(job: SbatchJob) -> str:
-    """The sbatch script (bash) for ``job``: directives, rendezvous, then ``srun python main.py fit``."""
+    """The sbatch script (bash) for ``job``: directives, rendezvous, then ``srun python -m llama_ft fit``."""
     q = shlex.quote
     directives = [
         f"--job-name={job.job_name}",
@@ -82,8 +91,8 @@ def render_sbatch_script(job: SbatchJob) -> str:
         f"--chdir={job.workdir}",
     ]
     fit = [
-        f"{q(job.python)} {q(str(job.main))} fit",
-        f"--config {q(str(job.config))}",
+        f"{q(job.python)} -m llama_ft fit",
+        *(f"--config {q(str(config))}" for config in job.configs),
         f"--trainer.num_nodes {job.nodes}",
         f"--trainer.devices {job.devices}",
         *job.logger_args,
@@ -94,7 +103,7 @@ def render_sbatch_script(job: SbatchJob) -> str:
     srun_cpus = f" --cpus-per-task={job.cpus_per_task}" if job.cpus_per_task else ""
     lines = [
         "#!/bin/bash",
-        f"# Written by `python main.py slurm` (llama_ft): fit {job.config.name} on {job.nodes} node(s) x "
+        f"# Written by `llama-ft slurm`: fit {', '.join(c.name for c in job.configs)} on {job.nodes} node(s) x "
         f"{job.devices} device(s).",
         f"# SIGUSR1 ({SIGNAL_WARNING_S} s before the time limit, or `scancel --signal=USR1 JOBID`): the run saves",
         "# checkpoints/last.ckpt at the next optimizer step, requeues this job and exits; the requeued job (same",
@@ -140,45 +149,33 @@ def _option_lines(args: tuple[str, ...]) -> list[str]:
 
 
 # =============================================================================================================
-# Reading the recipe: where the run logs, and how to pin its logger version
+# Reading the parsed recipe: where the run logs, and how to pin its logger version
 # =============================================================================================================
 
 
-def _override(fit_args: list[str], key: str) -> str | None:
-    """The last value the user's ``fit`` arguments give ``key`` (``--key value`` or ``--key=value``), else None."""
-    value = None
-    for i, arg in enumerate(fit_args):
-        if arg == f"--{key}" and i + 1 < len(fit_args):
-            value = fit_args[i + 1]
-        elif arg.startswith(f"--{key}="):
-            value = arg.split("=", 1)[1]
-    return value
+def _given(fit_args: list[str], key: str) -> bool:
+    """Whether the user's ``fit`` arguments set ``key`` (``--key value`` or ``--key=value``)."""
+    return any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in fit_args)
 
 
-def _trainer(recipe: dict[str, Any]) -> dict[str, Any]:
-    trainer = recipe.get("trainer")
-    return trainer if isinstance(trainer, dict) else {}
-
-
-def run_logs_dir(recipe: dict[str, Any], fit_args: list[str], workdir: Path) -> tuple[Path, list[str]]:
+def run_logs_dir(trainer: Namespace, workdir: Path) -> tuple[Path, list[str]]:
     """(the directory that holds the run's version directories, the fit arguments that pin the version to the job).
 
-    A recipe logger given by ``class_path`` logs under ``save_dir/name``; none given means Lightning's default,
-    TensorBoard under ``default_root_dir/lightning_logs``, which is made explicit so its version can be pinned;
-    ``logger: false`` checkpoints under ``default_root_dir`` (already the same for every attempt).
+    A logger given by ``class_path`` logs under ``save_dir/name`` (its signature's defaults filled in by the parser);
+    none given means Lightning's default, TensorBoard under ``default_root_dir/lightning_logs``, made explicit so its
+    version can be pinned; ``logger: false`` checkpoints under ``default_root_dir`` (the same for every attempt).
     """
-    trainer = _trainer(recipe)
-    root = Path(_override(fit_args, "trainer.default_root_dir") or trainer.get("default_root_dir") or workdir)
-    logger = trainer.get("logger", True)
+    root = Path(trainer.default_root_dir or workdir)
+    logger = trainer.logger
     version = [f'--trainer.logger.init_args.version "{VERSION_PREFIX}$SLURM_JOB_ID"']
-    logger_override = _override(fit_args, "trainer.logger")
-    if logger is False or (logger_override is not None and logger_override.lower() in ("false", "null", "none")):
+    if logger is False:
         return workdir / root, []
-    if isinstance(logger, dict) and "class_path" in logger:
-        init_args = logger.get("init_args") or {}
-        save_dir = _override(fit_args, "trainer.logger.init_args.save_dir") or init_args.get("save_dir") or root
-        name = _override(fit_args, "trainer.logger.init_args.name") or init_args.get("name", "lightning_logs")
-        return workdir / save_dir / (name or ""), version
+    if isinstance(logger, list) and len(logger) == 1:
+        logger = logger[0]
+    if isinstance(logger, Namespace) and "class_path" in logger:
+        init_args = logger.get("init_args") or Namespace()
+        save_dir = init_args.get("save_dir") or root
+        return workdir / save_dir / (init_args.get("name") or ""), version
     if logger is True or logger is None:
         return workdir / root / "lightning_logs", [
             f"--trainer.logger {DEFAULT_LOGGER}",
@@ -186,43 +183,62 @@ def run_logs_dir(recipe: dict[str, Any], fit_args: list[str], workdir: Path) -> 
             *version,
         ]
     raise ConfigError(
-        f"trainer.logger in the recipe is {logger!r}; `main.py slurm` pins the logger version to the SLURM job so a "
-        "requeued job resumes its own checkpoint, which needs one logger given by class_path (or none, or false)."
+        f"trainer.logger is {logger!r}; `llama-ft slurm` pins the logger version to the SLURM job so a requeued job "
+        "resumes its own checkpoint, which needs one logger given by class_path (or none, or false)."
     )
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def build_job(args: argparse.Namespace, fit_args: list[str], workdir: Path) -> SbatchJob:
-    config = Path(args.config or DEFAULT_CONFIG).expanduser()
-    recipe = load_recipe(str(config))
-    trainer = _trainer(recipe)
-    nodes = args.nodes if args.nodes is not None else _int_or_none(trainer.get("num_nodes")) or 1
-    devices = args.devices if args.devices is not None else _int_or_none(trainer.get("devices"))
-    if devices is None:
-        given = trainer.get("devices")
-        raise ConfigError(f"pass --devices (tasks per node); the recipe's trainer.devices is {given!r}.")
-    if nodes < 1 or devices < 1:
-        raise ConfigError(f"--nodes and --devices must be positive, got {nodes} and {devices}.")
-    if args.cpus_per_task is not None and args.cpus_per_task < 1:
-        raise ConfigError(f"--cpus_per_task must be positive, got {args.cpus_per_task}.")
+def check_arguments(argv: list[str]) -> None:
+    """Refuse, before parsing, the ``fit`` options the script sets itself."""
     for key in ("ckpt_path", "trainer.num_nodes", "trainer.devices"):
-        if _override(fit_args, key) is not None:
+        if _given(argv, key):
             raise ConfigError(
                 f"--{key} is set by the script (from --nodes/--devices, and --ckpt_path last so a requeued job resumes"
                 " its own checkpoint); drop it. To continue an earlier job's run, pass"
                 f" --trainer.logger.init_args.version {VERSION_PREFIX}OLD_JOB_ID."
             )
-    accelerator = str(_override(fit_args, "trainer.accelerator") or trainer.get("accelerator") or "auto").lower()
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else (0 if accelerator == "cpu" else devices)
-    logs_dir, logger_args = run_logs_dir(recipe, fit_args, workdir)
-    job_name = args.job_name or f"llama_ft-{config.stem}"
+
+
+def split_arguments(argv: list[str]) -> tuple[list[Path], list[str]]:
+    """(the recipe files, the arguments for ``fit``): everything that is not this command's own option."""
+    configs: list[Path] = []
+    fit_args: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in ("-c", "--config"):
+            configs.append(Path(value if eq else next(args)).expanduser().resolve())
+        elif flag in OWN_FLAGS:
+            continue
+        elif flag in OWN_OPTIONS:
+            if not eq:
+                next(args, None)
+        else:
+            fit_args.append(arg)
+    return configs, fit_args
+
+
+def build_job(config: Namespace, argv: list[str], workdir: Path) -> SbatchJob:
+    """The job for the parsed recipe; ``argv`` is what the user typed, of which the ``fit`` options are passed on."""
+    configs, fit_args = split_arguments(argv)
+    trainer = config.trainer
+    nodes = config.nodes or trainer.num_nodes
+    devices = config.devices or (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0
+                                 else None)
+    if devices is None:
+        raise ConfigError(f"pass --devices (tasks per node); the recipe's trainer.devices is {trainer.devices!r}.")
+    accelerator = str(trainer.accelerator or "auto").lower()
+    gpus = config.gpus_per_node if config.gpus_per_node is not None else (0 if accelerator == "cpu" else devices)
+    logs_dir, logger_args = run_logs_dir(trainer, workdir)
+    recipe = configs[0] if configs else DEFAULT_RECIPE
+    job_name = config.job_name or f"llama_ft-{recipe.stem}"
     if not re.fullmatch(r"[\w.+-]+", job_name):
         raise ConfigError(f"--job_name {job_name!r}: use letters, digits and . _ + - only.")
+    version = None
+    if _given(fit_args, "trainer.logger.init_args.version") and isinstance(trainer.logger, Namespace):
+        version = str(trainer.logger.init_args.version)
     return SbatchJob(
-        config=config.resolve(),
+        configs=tuple(configs) or (DEFAULT_RECIPE,),
         nodes=nodes,
         devices=devices,
         job_name=job_name,
@@ -230,12 +246,12 @@ def build_job(args: argparse.Namespace, fit_args: list[str], workdir: Path) -> S
         workdir=workdir,
         logs_dir=logs_dir.resolve(),
         gpus_per_node=gpus or None,
-        partition=args.partition,
-        time=args.time,
-        account=args.account,
-        cpus_per_task=args.cpus_per_task,
+        partition=config.partition,
+        time=config.time,
+        account=config.account,
+        cpus_per_task=config.cpus_per_task,
         logger_args=tuple(logger_args),
-        version=_override(fit_args, "trainer.logger.init_args.version"),
+        version=version,
         fit_args=tuple(fit_args),
     )
 
@@ -280,42 +296,31 @@ def submit(job: SbatchJob, script_text: str, stamp: str) -> Submission:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py slurm",
-        allow_abbrev=False,  # an abbreviation must never swallow an argument meant for `fit`
-        description="Write an sbatch script that fine-tunes a recipe under SLURM (requeued and resumed on preemption) "
-        "and submit it. Arguments not listed here are passed on to `main.py fit` (e.g. --trainer.max_steps 100).",
-    )
-    parser.add_argument("--config", help="recipe YAML (default: the embedded default, configs/default.yaml)")
-    parser.add_argument("--nodes", type=int, help="nodes (default: trainer.num_nodes, else 1)")
-    parser.add_argument("--devices", type=int, help="devices = tasks per node (default: trainer.devices)")
-    parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
-    parser.add_argument("--account", help="SLURM account to charge")
-    parser.add_argument("--cpus_per_task", type=int, help="CPUs per task (e.g. for data loader workers)")
-    parser.add_argument("--gpus_per_node", type=int,
-                        help="GPUs to request per node (default: --devices, or none when trainer.accelerator is cpu)")
-    parser.add_argument("--job_name", help="SLURM job name (default: llama_ft-<recipe name>)")
-    parser.add_argument("--dry_run", action="store_true", help="print the script; write and submit nothing")
-    return parser
+def add_arguments(parser: LightningArgumentParser) -> None:
+    """SLURM's options; every other option is a ``fit`` option, parsed here and passed on to ``fit``."""
+    group = parser.add_argument_group("SLURM")
+    group.add_argument("--nodes", type=PositiveInt | None, help="nodes (default: trainer.num_nodes)")
+    group.add_argument("--devices", type=PositiveInt | None, help="devices = tasks per node (default: trainer.devices)")
+    group.add_argument("--partition", type=str | None, help="SLURM partition")
+    group.add_argument("--time", type=SlurmTime | None, help="time limit, e.g. 24:00:00 or 1-12:00 (default: the "
+                       "partition's)")
+    group.add_argument("--account", type=str | None, help="SLURM account to charge")
+    group.add_argument("--cpus_per_task", type=PositiveInt | None, help="CPUs per task (e.g. for data loader workers)")
+    group.add_argument("--gpus_per_node", type=NonNegativeInt | None,
+                       help="GPUs per node (default: --devices, or none when trainer.accelerator is cpu)")
+    group.add_argument("--job_name", type=str | None, help="SLURM job name (default: llama_ft-<recipe name>)")
+    group.add_argument("--dry_run", action="store_true", help="print the script; write and submit nothing")
 
 
-def main(argv: list[str]) -> int:
-    args, fit_args = build_parser().parse_known_args(argv)
-    if fit_args and fit_args[0] == "--":
-        fit_args = fit_args[1:]
+def run(config: Namespace, argv: list[str]) -> int:
+    """Write and submit the script, or print it with ``--dry_run``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    try:
-        job = build_job(args, fit_args, Path.cwd())
-        script = render_sbatch_script(job)
-        if args.dry_run:
-            print(script, end="")
-            return 0
-        submission = submit(job, script, stamp)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    job = build_job(config, argv, Path.cwd())
+    script = render_sbatch_script(job)
+    if config.dry_run:
+        print(script, end="")
+        return 0
+    submission = submit(job, script, stamp)
     cwd = Path.cwd()
     show = lambda p: os.path.relpath(p, cwd) if p.is_relative_to(cwd) else str(p)  # noqa: E731
     print(f"Submitted batch job {submission.job_id}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import lightning as L
 from datasets.fingerprint import Hasher
@@ -29,7 +31,12 @@ _EARLY_CHECK_ROWS = 64
 
 
 class CNNDailyMailDataModule(L.LightningDataModule):
-    """Summarization data for causal-LM fine-tuning.
+    """Summarization data for causal-LM fine-tuning; the global batch stays fixed whatever the parallel layout.
+
+    Accumulation = global batch / (micro-batch × data-parallel replicas); a parallel plan supplies the last two
+    through ``apply_plan`` (the ``PlannableData`` protocol of the ``advanced`` strategy), otherwise they are the
+    recipe's micro-batch and the strategy's replica count. The training position is part of the checkpoint
+    (``state_dict``), so a resumed run sees exactly the data an uninterrupted one would.
 
     Args:
         dataset: hub id (``abisee/cnn_dailymail``), a local directory laid out like the hub repository, or
@@ -37,7 +44,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         tokenizer: hub id or local tokenizer directory (``sample`` = the bundled one).
         max_length: tokens per example; the article is cut so template and summary always fit.
         global_batch_size: examples per optimizer step over all replicas; accumulation follows from it.
-        micro_batch_size: rows per forward pass on one replica (the ``advanced`` strategy may choose it).
+        micro_batch_size: rows per forward pass on one replica (the ``advanced`` strategy chooses its own and
+            passes it to ``apply_plan``).
         batching: ``pad_to_max`` (tutorial), ``length_grouped`` (default) or ``packed``.
         loss_on: ``summary`` trains on the summary and EOS only; ``all`` on the whole sequence (tutorial).
         val_every_n_steps: optimizer steps between validations (converted to Lightning's ``val_check_interval``).
@@ -90,6 +98,23 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: dict[str, datasets.Dataset] = {}
+        self._plan: tuple[int, int] | None = None  # (micro-batch, data-parallel size) from apply_plan
+        self._train_sampler: MicroBatchSampler | None = None
+        self._trained = (0, 0)  # (epoch, micro-batches of it this replica trained on)
+        self._resume_at: tuple[int, int] | None = None  # the same, restored from a checkpoint
+
+    # ------------------------------------------------------------------------------------------ parallel plan
+    def apply_plan(self, micro_batch_size: int, data_parallel_size: int) -> None:
+        """Batch by a parallel plan's micro-batch over its data-parallel replicas; the global batch stays the recipe's.
+
+        The ``advanced`` strategy calls this once it has planned, before ``setup``; a size that cannot divide the
+        global batch is refused here.
+        """
+        grad_accumulation(self.global_batch_size, micro_batch_size, data_parallel_size)
+        self._plan = (micro_batch_size, data_parallel_size)
+
+    def teardown(self, stage: str) -> None:
+        self._plan = None  # a plan belongs to one Trainer run; the next one plans again (or runs the recipe's)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -119,7 +144,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         for split in _STAGE_SPLITS[stage]:
             self.splits[split] = self._tokenized(split, announce=True)
         if stage == "fit" and self.trainer is not None:
-            self._apply_global_batch()
+            self._hold_global_batch()
 
     def _tokenized(self, split: str, announce: bool) -> datasets.Dataset:
         raw = load_splits(self.dataset, (split,), self.cache_dir)[split]
@@ -177,57 +202,92 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             if needed > self.max_length:
                 raise summary_budget_error(needed, self.max_length, example_id)
 
-    def _apply_global_batch(self) -> None:
-        """Hold the recipe's global batch fixed: accumulation = global / (micro-batch × data-parallel size)."""
+    def _hold_global_batch(self) -> None:
+        """Set the Trainer's accumulation so each optimizer step sees the recipe's global batch.
+
+        Lightning takes accumulation (and the validation interval, counted in batches) as Trainer settings and has no
+        hook through which a data module supplies them; they are set here, before the fit loop reads them, as
+        Lightning's own ``GradientAccumulationScheduler`` sets ``accumulate_grad_batches``.
+        """
         trainer = self.trainer
-        accumulation = grad_accumulation(self.global_batch_size, self.micro_batch_size, self._replicas()[0])
+        micro_batch_size, replicas, _ = self._layout()
+        accumulation = grad_accumulation(self.global_batch_size, micro_batch_size, replicas)
         trainer.accumulate_grad_batches = accumulation
         if self.val_every_n_steps is not None and not trainer.fast_dev_run:
             trainer.val_check_interval = self.val_every_n_steps * accumulation
         rank_zero_info(
-            f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} × "
-            f"{self._replicas()[0]} data-parallel replica(s) × {accumulation} accumulation step(s)"
+            f"global batch {self.global_batch_size} = micro-batch {micro_batch_size} × "
+            f"{replicas} data-parallel replica(s) × {accumulation} accumulation step(s)"
         )
 
-    def _replicas(self) -> tuple[int, int]:
-        """(number of data-parallel replicas, this process's replica index), as the strategy defines them."""
-        if self.trainer is None:
-            return 1, 0
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+    def _layout(self) -> tuple[int, int, int]:
+        """(micro-batch, data-parallel replicas, this process's replica index).
 
-    def _resume_position(self, epoch_length: int) -> tuple[int, int]:
-        """(epoch, micro-batches of it this replica already trained on) when ``fit`` resumes from a checkpoint.
-
-        Lightning restores its loop progress before it asks for the train loader, and iterates the loader it gets
-        without asking again when it continues an epoch (or starts the next one right after a checkpoint taken at the
-        end of an epoch). Starting the sampler where that progress says makes a resumed run see exactly the data an
-        uninterrupted one would (same epoch, same order), so it ends with the same weights. A fresh run: (0, 0).
+        The replicas are the strategy's ``distributed_sampler_kwargs`` (what every Lightning strategy exposes for its
+        sampler); a plan given to ``apply_plan`` must agree with them.
         """
-        trainer = self.trainer
-        loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
-        if loop is None or not loop.restarting:
-            return 0, 0
-        epochs = loop.epoch_progress.current
-        consumed = loop.epoch_loop.batch_progress.current.ready
-        limit = trainer.limit_train_batches  # as Lightning counts an epoch's batches
-        batches = min(epoch_length, limit) if isinstance(limit, int) else int(epoch_length * (limit or 1.0))
-        if consumed < batches:
-            return epochs.processed, consumed
-        # Saved after the epoch's last batch: the next epoch, from its start. ``processed`` already counts the
-        # finished epoch when the checkpoint was taken in the epoch-end hooks, not when it was taken before them.
-        return (epochs.processed if epochs.processed > epochs.completed else epochs.processed + 1), 0
+        kwargs = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}) if self.trainer else {}
+        replicas, rank = int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+        if self._plan is None:
+            return self.micro_batch_size, replicas, rank
+        micro_batch_size, planned_replicas = self._plan
+        if planned_replicas != replicas:
+            raise ConfigError(
+                f"the plan's data-parallel size {planned_replicas} differs from the {replicas} replica(s) the "
+                f"strategy splits the data over; a strategy must pass apply_plan its sampler's num_replicas."
+            )
+        return micro_batch_size, replicas, rank
+
+    # ---------------------------------------------------------------------------------------- resume position
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the micro-batches training consumed: the position a checkpoint taken now resumes from.
+
+        Lightning calls this once per batch it trains on, after its prefetch. While a data module defines it, the
+        LightningModule's hook of the same name is not called (Lightning warns when both do).
+        """
+        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
+            epoch, done = self._trained
+            self._trained = (epoch, done + 1) if epoch == self._train_sampler.epoch else (self._train_sampler.epoch, 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data: (epoch, micro-batches of it each replica trained on).
+
+        An epoch whose last batch was trained is saved as the start of the next one. The sampler builds an epoch's
+        order when the loader is iterated, which Lightning does before it sets the resumed epoch, so the epoch must be
+        the one the resumed run continues in.
+        """
+        if self._train_sampler is None:
+            return {}
+        epoch, done = self._trained
+        if done >= self.trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        sampler = self._train_sampler
+        return {"epoch": epoch, "micro_batches_done": done, "micro_batch_size": sampler.micro_batch_size,
+                "data_parallel_size": sampler.num_replicas}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader where the checkpoint's run stood (see ``state_dict``)."""
+        if not state_dict:
+            return
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["micro_batches_done"]))
+        saved = (state_dict.get("micro_batch_size"), state_dict.get("data_parallel_size"))
+        if saved != self._layout()[:2]:
+            rank_zero_warn(
+                f"resuming with micro-batch × replicas {self._layout()[:2]} where the checkpoint had {saved}: the "
+                "resumed epoch's order is not the interrupted run's."
+            )
 
     # ------------------------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, *, train: bool, generation: bool = False) -> DataLoader:
         data = self.splits.get(split)
         if data is None:
             data = self.splits[split] = self._tokenized(split, announce=True)
-        num_replicas, rank = self._replicas()
+        micro_batch_size, num_replicas, rank = self._layout()
         sampler = MicroBatchSampler(
             data["length"],
             mode=self.batching,
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=micro_batch_size,
             max_length=self.max_length,
             num_replicas=num_replicas,
             rank=rank,
@@ -236,7 +296,10 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             even_batches=train,
         )
         if train:
-            sampler.resume_at(*self._resume_position(len(sampler)))
+            if self._resume_at is not None:
+                sampler.resume_at(*self._resume_at)
+            self._trained, self._resume_at = (sampler.epoch, sampler.start_batch), None
+            self._train_sampler = sampler
         collate = Collator(
             pad_token_id=self.pad_token_id,
             mode=self.batching,

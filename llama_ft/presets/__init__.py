@@ -50,3 +50,36 @@ def as_llama_config(config: dict | PretrainedConfig, source: str) -> LlamaConfig
     if isinstance(config, LlamaConfig):
         return config
     return AutoConfig.for_model(**as_dict)
+
+
+ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size")
+
+
+def resolve_llama_config(model_config: str | None, model_name_or_path: str | None) -> LlamaConfig:
+    """The architecture a run trains, read before any weights: a preset or JSON, else the checkpoint's own config.
+
+    When both are given and the checkpoint is local, they must agree on the architecture.
+    """
+    if model_config is None and model_name_or_path is None:
+        raise ConfigError("set model.model_config (a preset or JSON) and/or model.model_name_or_path (weights).")
+    if model_config is not None:
+        config = load_llama_config(model_config)
+        if model_name_or_path is not None and Path(model_name_or_path).is_dir():
+            weights_config = load_llama_config(model_name_or_path)
+            diff = {k: (getattr(config, k), getattr(weights_config, k)) for k in ARCHITECTURE_KEYS
+                    if getattr(config, k) != getattr(weights_config, k)}
+            if diff:
+                raise ConfigError(f"model_config and the checkpoint disagree on {diff}; drop one of them.")
+        return config
+    if Path(str(model_name_or_path)).is_dir():
+        return load_llama_config(str(model_name_or_path))
+    try:
+        return as_llama_config(AutoConfig.from_pretrained(model_name_or_path), source=str(model_name_or_path))
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"cannot read the config of {model_name_or_path!r} ({type(err).__name__}). Offline, set "
+            "model.model_config to a preset (e.g. llama-3-8b) and model.model_name_or_path to a local copy."
+        ) from err

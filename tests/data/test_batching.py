@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from llama_ft.data.batching import IGNORE_INDEX, Collator, MicroBatchSampler, pack_rows, padded_width
-from tests.conftest import tiny_llama_config
+from tests.helpers import tiny_llama_config
 
 
 def _examples(n: int, seed: int = 0, max_len: int = 60) -> list[dict]:

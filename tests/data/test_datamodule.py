@@ -7,7 +7,7 @@ import pytest
 import llama_ft.data.prompt as prompt_module
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import ConfigError, DataError
-from tests.conftest import news_rows
+from tests.helpers import news_rows
 
 
 def _dm(dataset, tmp_path, **kwargs) -> CNNDailyMailDataModule:
@@ -102,3 +102,69 @@ def test_bad_mode_names_are_refused_at_construction():
         CNNDailyMailDataModule(batching="bucketed")
     with pytest.raises(ConfigError, match="loss_on"):
         CNNDailyMailDataModule(loss_on="prompt")
+
+
+def _trainer(**kwargs):
+    from lightning import Trainer
+
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, **kwargs)
+
+
+def test_a_plan_changes_micro_batch_and_accumulation_but_not_the_global_batch(make_hub_dir, tmp_path):
+    root = make_hub_dir({"train": news_rows(8), "validation": news_rows(2), "test": news_rows(2)})
+    dm = _dm(root, tmp_path, global_batch_size=4, micro_batch_size=2, val_every_n_steps=3)
+    dm.trainer = trainer = _trainer()
+    dm.setup("fit")
+    assert trainer.accumulate_grad_batches == 2 and trainer.val_check_interval == 6  # the recipe's micro-batch
+    dm.apply_plan(micro_batch_size=1, data_parallel_size=1)
+    dm.setup("fit")
+    assert trainer.accumulate_grad_batches == 4 and trainer.val_check_interval == 12
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 1
+    dm.teardown("fit")  # the next Trainer run plans again, or runs the recipe's micro-batch
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 2
+
+
+def test_a_plan_that_cannot_hold_the_global_batch_is_refused(tmp_path):
+    dm = _dm("sample", tmp_path, global_batch_size=4)
+    with pytest.raises(ConfigError, match=r"not divisible by micro-batch 3 × 1"):
+        dm.apply_plan(micro_batch_size=3, data_parallel_size=1)
+
+
+def test_the_checkpointed_position_resumes_the_training_loader_in_the_same_order(make_hub_dir, tmp_path):
+    root = make_hub_dir({"train": news_rows(12), "validation": news_rows(2), "test": news_rows(2)})
+    straight = _dm(root, tmp_path, micro_batch_size=1)
+    straight.setup("fit")
+    loader = straight.train_dataloader()
+    loader.sampler.set_epoch(1)
+    expected = [b["input_ids"] for b in loader][5:]
+
+    resumed = _dm(root, tmp_path, micro_batch_size=1)
+    resumed.setup("fit")
+    resumed.load_state_dict({"epoch": 1, "micro_batches_done": 5, "micro_batch_size": 1, "data_parallel_size": 1})
+    got = [b["input_ids"] for b in resumed.train_dataloader()]
+    assert len(got) == len(expected) == 7
+    assert all(a.equal(b) for a, b in zip(got, expected, strict=True))
+
+
+def test_the_state_counts_the_micro_batches_training_consumed(make_hub_dir, tmp_path):
+    from lightning import Callback
+
+    from llama_ft.module import LlamaFineTuner
+
+    class Positions(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = trainer.datamodule.state_dict()
+            self.seen.append((state["epoch"], state["micro_batches_done"]))
+
+    root = make_hub_dir({"train": news_rows(6, article_words=20), "validation": news_rows(2), "test": news_rows(2)})
+    dm = _dm(root, tmp_path, max_length=96, global_batch_size=2, micro_batch_size=1, val_every_n_steps=1)
+    positions = Positions()
+    trainer = _trainer(max_steps=4, limit_val_batches=1, num_sanity_val_steps=1, callbacks=[positions])
+    trainer.fit(LlamaFineTuner(model_config="llama-tiny", hf_export_dir=str(tmp_path / "export")), dm)
+    # 6 micro-batches per epoch, 2 per step; validation in between does not count; the last one of an epoch is
+    # saved as the start of the next.
+    assert positions.seen == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 0), (1, 1), (1, 2)]

@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 
 from llama_ft.errors import PlanError
-from llama_ft.parallel.planning.cost_model import GiB
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.planner import (
     NothingFitsError,
@@ -21,6 +20,7 @@ from llama_ft.parallel.planning.planner import (
 )
 from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.parallel.planning.verify import MAX_EXTRA_SIMULATIONS, verify_plan
 from llama_ft.presets import load_llama_config
 

@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.errors import ConfigError
-from llama_ft.parallel.planning.accelerators import ACCELERATORS, GiB, get_accelerator, match_device_name
+from llama_ft.parallel.planning.accelerators import ACCELERATORS, get_accelerator, match_device_name
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config, preset_names
 
 

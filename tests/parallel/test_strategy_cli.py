@@ -1,4 +1,4 @@
-"""The one switch from the command line: two CPU processes, the plan report, plan.json, and a bad pin."""
+"""The one switch from the command line: two CPU processes, the plan report, plan.json, a bad pin, own devices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, free_port
+from tests.scripts.recording import DEVICE_MARKER
 
 TIMEOUT_S = 300
 
@@ -48,3 +49,16 @@ def test_a_pin_that_cannot_work_fails_before_any_data_or_model_work(tmp_path):
     assert "tp_size=3 does not divide num_attention_heads=4" in proc.stderr
     assert "valid tp sizes on this cluster (1 × 2 devices): [1, 2]" in proc.stderr
     assert "Tokenizing" not in proc.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_each_process_sets_up_its_own_device(tmp_path):
+    # Lightning's accelerator.setup_device(root_device) must run in every process; the recording accelerator numbers
+    # its CPU devices so that "its own" is visible.
+    proc = _fit(tmp_path, "--trainer.strategy=advanced", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                '--trainer.accelerator={"class_path": "tests.scripts.recording.RecordingCPUAccelerator"}')
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    recorded = sorted(line for line in output.splitlines() if line.startswith(DEVICE_MARKER))
+    assert recorded == [f"{DEVICE_MARKER} local rank 0: cpu:0", f"{DEVICE_MARKER} local rank 1: cpu:1"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, free_port, news_rows
+from tests.helpers import REPO_ROOT, free_port, news_rows
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "parity_fit.py"
 LAUNCH_TIMEOUT_S = 400

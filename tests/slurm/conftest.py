@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.slurm.cluster import FINAL_STATES, LocalSlurmCluster, missing_requirements
 
 # 64 training rows = 8 micro-batches of 8 per epoch, 4 per process: 4 optimizer steps per epoch (no accumulation

@@ -1,8 +1,12 @@
-"""Gradient-norm clipping when parameters live on different device meshes.
+"""Gradient-norm clipping when parameters live on different device meshes, and the Precision plugins that use it.
 
 Under TP + FSDP the decoder projections are DTensors on the (dp_shard, tp) mesh while norms and other replicated
 weights sit on the dp mesh only. ``torch.nn.utils.clip_grad_norm_`` stacks all per-parameter norms into one tensor
 and refuses DTensors of different meshes; so norms are reduced per mesh to plain tensors first, then combined.
+
+Lightning clips through ``trainer.precision_plugin.clip_grad_by_norm``. The ``advanced`` strategy installs the
+``MeshAware*`` subclass of the plugin Lightning chose (see ``with_mesh_aware_clipping``), so clipping by norm uses
+``clip_grad_norm_`` below and everything else stays Lightning's.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
@@ -32,3 +37,39 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
         for group in by_mesh.values():  # foreach kernels also need one mesh per call
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+class MeshAwareNormClipping(Precision):
+    """Lightning's clipping by norm, with the norm taken across device meshes (``clip_grad_norm_``)."""
+
+    def clip_grad_by_norm(self, optimizer: torch.optim.Optimizer, clip_val: int | float) -> None:
+        clip_grad_norm_(self.main_params(optimizer), clip_val)
+
+
+class MeshAwarePrecision(MeshAwareNormClipping):
+    """``precision="32-true"``."""
+
+
+class MeshAwareHalfPrecision(MeshAwareNormClipping, HalfPrecision):
+    """``precision="bf16-true"`` / ``"16-true"``."""
+
+
+class MeshAwareMixedPrecision(MeshAwareNormClipping, MixedPrecision):
+    """``precision="bf16-mixed"`` / ``"16-mixed"``."""
+
+
+def with_mesh_aware_clipping(plugin: Precision) -> Precision:
+    """The same precision settings with mesh-aware norm clipping.
+
+    A plugin of a kind not listed here (a user's own, passed in ``Trainer(plugins=...)``) is returned as given: it
+    keeps the clipping it defines.
+    """
+    if isinstance(plugin, MeshAwareNormClipping):
+        return plugin
+    if type(plugin) is MixedPrecision:
+        return MeshAwareMixedPrecision(plugin.precision, plugin.device, plugin.scaler)
+    if type(plugin) is HalfPrecision:
+        return MeshAwareHalfPrecision(plugin.precision)
+    if type(plugin) is Precision:
+        return MeshAwarePrecision()
+    return plugin

@@ -1,9 +1,9 @@
 """``strategy="advanced"``: plan the parallel layout for the world Lightning launched, then apply it.
 
-The LightningModule is expected to expose ``llama_config`` (a ``LlamaConfig``), to build ``self.model`` (a
-``LlamaForCausalLM``) in ``configure_model`` and, optionally, ``initialize_weights()`` to fill the model once it is
-sharded and materialized. The recipe's sequence length, global batch and micro-batch are read from the data
-module (``max_length``, ``global_batch_size``, ``micro_batch_size``); the plan's micro-batch is written back there.
+What it needs from the LightningModule and the data module is the two Protocols of ``contract`` (``PlannableModule``,
+``PlannableData``): it reads the architecture and the recipe's batch, and hands the plan's micro-batch and
+data-parallel size to the data module in one ``apply_plan`` call. Device set-up, process group and checkpoint format
+stay Lightning's ``ModelParallelStrategy``'s; clipping by norm goes through a Precision subclass (``clipping``).
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
-from llama_ft.parallel.applying.clipping import clip_grad_norm_
-from llama_ft.parallel.planning.planner import PlanPins, PlanResult, plan_parallelism
+from llama_ft.parallel.applying.clipping import MeshAwarePrecision, with_mesh_aware_clipping
+from llama_ft.parallel.applying.contract import PlannableData, PlannableModule, require
+from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.planning.report import format_plan_report, plan_result_to_dict
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 
@@ -61,7 +63,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         activation_checkpointing: Literal["none", "selective", "full", "auto"] = "auto",
         micro_batch_size: int | Auto = "auto",
         cpu_offload: bool | Auto = "auto",
-        memory_fraction: float = 0.9,
+        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         accelerator_name: str | None = None,
         device_memory_gib: float | None = None,
         peak_tflops: float | None = None,
@@ -88,25 +90,37 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         self.peak_tflops = peak_tflops
         self.plan_result: PlanResult | None = None
 
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else MeshAwarePrecision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        """Lightning hands over the plugin it chose for the precision flag; keep it, with mesh-aware norm clipping."""
+        self._precision_plugin = None if plugin is None else with_mesh_aware_clipping(plugin)
+
     # ------------------------------------------------------------------------------------------- planning
     def setup_environment(self) -> None:
-        """Init the process group, plan for the world it spans, build the mesh the plan needs."""
+        """Plan for the world Lightning launched and hand the plan to the data module.
+
+        1. Lightning's set-up: this rank's device (``accelerator.setup_device``), world ranks, process group.
+        2. Every rank plans (so a bad pin fails everywhere at once), then all adopt rank 0's plan, so floating-point
+           near-ties can never split the ranks between two layouts.
+        3. The mesh the plan needs becomes the LightningModule's ``device_mesh`` (as ``ModelParallelStrategy`` does).
+        4. The data module gets the plan's micro-batch and data-parallel size (``PlannableData.apply_plan``).
+        """
         self._setup_distributed()
-        # Every rank plans (so a bad pin fails everywhere at once), then all adopt rank 0's plan, so floating-point
-        # near-ties can never split the ranks between two layouts.
         self.plan_result = self.broadcast(self.make_plan())
         plan = self.plan_result.chosen
         self._device_mesh = build_device_mesh(plan.layout, self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
-        datamodule = self._datamodule()
-        if datamodule is not None:
-            datamodule.micro_batch_size = plan.micro_batch_size
+        self._datamodule().apply_plan(micro_batch_size=plan.micro_batch_size, data_parallel_size=plan.layout.dp_size)
         self._report(self.plan_result)
 
     def make_plan(self) -> PlanResult:
         return plan_parallelism(
-            ModelSpec.from_llama_config(self._llama_config()),
+            ModelSpec.from_llama_config(self._module().llama_config),
             self.cluster_spec(),
             self.train_spec(),
             pins=self.pins,
@@ -124,30 +138,23 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
 
     def train_spec(self) -> TrainSpec:
         datamodule = self._datamodule()
-        missing = [k for k in ("max_length", "global_batch_size") if not hasattr(datamodule, k)]
-        if missing:
-            raise ConfigError(
-                f"the advanced strategy plans from the data module's {missing}; use CNNDailyMailDataModule or give "
-                f"your data module those attributes (sequence length, examples per optimizer step)."
-            )
         return TrainSpec(
             seq_len=datamodule.max_length,
             global_batch_size=datamodule.global_batch_size,
             precision=self.precision_plugin.precision,
         )
 
-    def _llama_config(self) -> Any:
-        config = getattr(self.lightning_module, "llama_config", None)
-        if config is None:
-            raise ConfigError(
-                f"the advanced strategy needs the LightningModule to expose `llama_config`; "
-                f"{type(self.lightning_module).__name__} does not. Use LlamaFineTuner or add the attribute."
-            )
-        return config
+    def _module(self) -> PlannableModule:
+        module = self.lightning_module
+        require(module, PlannableModule, "LightningModule", "use LlamaFineTuner or add them")
+        return module  # type: ignore[return-value]
 
-    def _datamodule(self) -> Any:
+    def _datamodule(self) -> PlannableData:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        return getattr(trainer, "datamodule", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        require(datamodule, PlannableData, "data module",
+                "pass a data module such as CNNDailyMailDataModule (not bare dataloaders), or add them to yours")
+        return datamodule
 
     def _report(self, result: PlanResult) -> None:
         """Rank 0 logs the report and writes plan.json beside the run's logs."""
@@ -180,20 +187,8 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
                      reduce_dtype=reduce_dtype)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             materialize(model, self.root_device)
-            initialize = getattr(self.lightning_module, "initialize_weights", None)
-            if initialize is None:
-                raise ConfigError(
-                    f"{type(self.lightning_module).__name__} built its model on the meta device but has no "
-                    "initialize_weights() to fill it after sharding."
-                )
-            initialize()
+            self._module().initialize_weights()
         super().setup(trainer)
-        # Lightning clips through the precision plugin; route it to the mesh-aware norm (plain torch refuses the
-        # mix of TP and FSDP-only meshes).
-        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
-
-    def _clip_grad_by_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
-        clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -11,11 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llama_ft.errors import ConfigError
-
-GiB = 1024**3
-MiB = 1024**2
-TERA = 1e12
-GIGA = 1e9
+from llama_ft.parallel.planning.units import GIGA, TERA, GiB, MiB
 
 
 @dataclass(frozen=True)

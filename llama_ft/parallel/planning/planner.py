@@ -11,19 +11,15 @@ from dataclasses import dataclass, replace
 
 from llama_ft.errors import PlanError
 from llama_ft.global_batch import valid_micro_batch_sizes
-from llama_ft.parallel.planning.cost_model import (
-    DEFAULT_COEFFICIENTS,
-    CostCoefficients,
-    GiB,
-    MemoryBreakdown,
-    StepTime,
-    estimate_memory,
-    estimate_step_time,
-    model_flops_per_step,
-)
 from llama_ft.parallel.layout import AC_MODES, Layout
+from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS, CostCoefficients
+from llama_ft.parallel.planning.memory import MemoryBreakdown, estimate_memory
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.step_time import StepTime, estimate_step_time, model_flops_per_step
+from llama_ft.parallel.planning.units import GiB
 
+# Share of device memory a plan may fill: the rest is left to what neither the cost model nor the simulation sees.
+DEFAULT_MEMORY_FRACTION = 0.9
 MAX_MICRO_BATCH = 64  # beyond this, throughput no longer improves and memory never fits for real models
 NEAR_TIE = 0.03  # plans within 3% of the best predicted tokens/s count as equally fast
 KIND_ORDER = {"single": 0, "DDP": 1, "FSDP": 2, "HSDP": 3, "TP": 4, "2D": 5}
@@ -314,7 +310,7 @@ def plan_parallelism(
     cluster: ClusterSpec,
     train: TrainSpec,
     pins: PlanPins | None = None,
-    memory_fraction: float = 0.9,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
 ) -> PlanResult:
     """The fastest layout that fits (simplest among near-ties); ``PlanError`` when a pin or the cluster cannot work."""
@@ -359,7 +355,7 @@ def fits_somewhere(
 
 def smallest_fitting_cluster(
     model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins | None = None,
-    memory_fraction: float = 0.9, coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION, coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
 ) -> ClusterSpec | None:
     """The fewest whole nodes of this device kind on which the recipe fits, searching upward; None if none can.
 

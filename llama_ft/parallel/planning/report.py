@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from llama_ft.parallel.planning.cost_model import GiB
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.planner import NEAR_TIE, Plan, PlanResult, Rejection
+from llama_ft.parallel.planning.units import GiB
 
 if TYPE_CHECKING:
     from llama_ft.parallel.planning.verify import Verification, VerifiedPlanResult

@@ -5,7 +5,7 @@ rank 0; collectives return without communicating), the model built on the meta d
 :func:`~llama_ft.parallel.applying.apply.apply_layout` that training uses, then materialized as fake tensors under
 ``FakeTensorMode``, and PyTorch's ``FSDPMemTracker`` counting every tensor FSDP, autograd and the optimizer allocate
 over two iterations (forward with labels → backward, once per micro-batch → AdamW step). This is the ground
-truth the planner's cost model is calibrated against (DESIGN §4).
+truth the planner's memory model is calibrated against.
 
 Every layout kind works: DDP, FSDP, HSDP, TP and TP × data parallel (``apply_layout`` always ends in ``fully_shard``,
 which the tracker requires). CPU offload is refused: on a CPU-only simulation offloaded and device memory are the
@@ -35,6 +35,7 @@ from transformers import LlamaConfig
 from llama_ft.errors import ConfigError, PlanError
 from llama_ft.parallel.applying.apply import check_tensor_parallel_fits
 from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
-
-GIB = 1024**3
 
 # Lightning precision name → (dtype the parameters are built in, FSDP param_dtype, FSDP reduce_dtype).
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None, torch.dtype | None]] = {
@@ -83,10 +82,10 @@ class SimulationResult:
 
     @property
     def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
+        return self.peak_bytes / GiB
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {nbytes / GIB:.2f}" for name, nbytes in self.breakdown.items() if nbytes)
+        parts = ", ".join(f"{name} {nbytes / GiB:.2f}" for name, nbytes in self.breakdown.items() if nbytes)
         return (
             f"{self.model} {self.layout.describe()} b={self.micro_batch_size} s={self.seq_len} {self.precision}: "
             f"peak {self.peak_gib:.2f} GiB/rank ({parts}) in {self.wall_s:.1f} s"
@@ -245,7 +244,7 @@ def _tracker_ignoring_sharding_propagation(
 
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters in ``dtype`` from the start (``to_empty`` keeps it); DESIGN §4: never ``.to(dtype)``."""
+    """Create parameters in ``dtype`` from the start (``to_empty`` keeps it); never ``.to(dtype)`` inside fake mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

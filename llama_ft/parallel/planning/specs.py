@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_ft.errors import ConfigError
-from llama_ft.parallel.planning.accelerators import GIGA, TERA, GiB, get_accelerator, match_device_name
+from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
+from llama_ft.parallel.planning.units import GIGA, TERA, GiB
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from llama_ft.parallel.planning.cost_model import DEFAULT_COEFFICIENTS, CostCoefficients, allowance_bytes
+from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS, CostCoefficients
+from llama_ft.parallel.planning.memory import allowance_bytes
 from llama_ft.parallel.planning.planner import Plan, PlanResult
 from llama_ft.parallel.planning.simulate import PRECISIONS, SimulationResult, simulate_peak_memory
+from llama_ft.parallel.planning.units import GiB
 
 Simulator = Callable[..., SimulationResult]
 
@@ -165,7 +167,7 @@ def verification_to_dict(verified: VerifiedPlanResult) -> dict[str, Any]:
 
 
 def _gib(nbytes: float | None) -> float | None:
-    return None if nbytes is None else round(nbytes / 2**30, 3)
+    return None if nbytes is None else round(nbytes / GiB, 3)
 
 
 def _check_to_dict(check: Verification) -> dict[str, Any]:

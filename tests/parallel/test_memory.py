@@ -1,5 +1,6 @@
 """The memory cost model: its terms follow HF Llama's real forward, its peak is the largest phase of the step, and it
-agrees with the fake-tensor simulation (the anchors below were simulated with ``llama_ft/parallel/simulate.py``)."""
+agrees with the fake-tensor simulation (the anchors below were simulated with
+``llama_ft/parallel/planning/simulate.py``)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,26 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_ft.parallel.planning.cost_model import (
-    DEFAULT_COEFFICIENTS,
-    PHASES,
-    GiB,
-    StepShape,
-    allowance_bytes,
-    estimate_memory,
+from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.activations import (
     layer_saved_bytes_full,
     layer_saved_bytes_no_checkpointing,
     layer_saved_bytes_selective,
     logits_forward_bytes,
-    optimizer_step_memory,
-    precision_profile,
     saved_activation_bytes,
+)
+from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS, precision_profile
+from llama_ft.parallel.planning.memory import (
+    PHASES,
+    StepShape,
+    allowance_bytes,
+    estimate_memory,
+    optimizer_step_memory,
     tracked_peak_bytes,
 )
-from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.simulate import simulate_peak_memory
 from llama_ft.parallel.planning.specs import ModelSpec, TrainSpec
+from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
 RECIPE = TrainSpec(seq_len=1024, global_batch_size=256, precision="bf16-mixed")
