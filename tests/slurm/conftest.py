@@ -6,6 +6,7 @@ with 2 tasks (2 CPU processes, gloo) and the ``advanced`` strategy, shrunk to a 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -69,7 +70,10 @@ def submit_fit(cluster: LocalSlurmCluster, workdir: Path, name: str, *extra: str
             "--cpus_per_task", "1", "--time", "00:30:00", "--job_name", name, *FIT_ARGS,
             f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
             f"--data.cache_dir={workdir / 'cache'}", *extra]
-    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the job inherits this environment
+    # The job inherits this environment; it runs `python -m llama_ft` from the workdir, so the test callbacks
+    # (tests.scripts.job_callbacks) are found through PYTHONPATH.
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), cluster.env.get("PYTHONPATH")]))}
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = dict(re.findall(r"^(Submitted batch job|script:|log:|run dir:)\s+(\S+)", proc.stdout, re.MULTILINE))
