@@ -121,21 +121,22 @@ CASES = {
     "export-dcp-metadata": (lambda w: ["export", "--ckpt", str(w.evil_dcp), "--out", str(w.runs / "o")],
                             "is not a checkpoint metadata type"),
     "export-dcp-meta.pt": (lambda w: ["export", "--ckpt", str(w.evil_meta_dcp), "--out", str(w.runs / "o")],
-                           "refusing to load"),
-    "export-file": (lambda w: ["export", "--ckpt", str(w.evil_file), "--out", str(w.runs / "o")], "refusing to load"),
+                           "it references posix.system"),
+    "export-file": (lambda w: ["export", "--ckpt", str(w.evil_file), "--out", str(w.runs / "o")],
+                    "it references posix.system"),
     "fit-dcp-advanced": (lambda w: _run_args(w, "fit", f"--ckpt_path={w.evil_dcp}", "--trainer.strategy=advanced"),
                          "is not a checkpoint metadata type"),
     "fit-dcp-auto": (lambda w: _run_args(w, "fit", f"--ckpt_path={w.evil_dcp}"), "is not a checkpoint metadata type"),
-    "fit-file": (lambda w: _run_args(w, "fit", f"--ckpt_path={w.evil_file}"), "refusing to load"),
+    "fit-file": (lambda w: _run_args(w, "fit", f"--ckpt_path={w.evil_file}"), "it references posix.system"),
     "fit-last": (lambda w: ["fit", f"--trainer.logger.init_args.save_dir={w.runs / 'resume'}",
                             f"--trainer.default_root_dir={w.runs / 'resume'}", "--ckpt_path=last"],
-                 "refusing to load"),
-    "validate-file": (lambda w: _run_args(w, "validate", f"--ckpt_path={w.evil_file}"), "refusing to load"),
+                 "it references posix.system"),
+    "validate-file": (lambda w: _run_args(w, "validate", f"--ckpt_path={w.evil_file}"), "it references posix.system"),
     "validate-dcp-meta.pt": (lambda w: _run_args(w, "validate", f"--ckpt_path={w.evil_meta_dcp}"),
-                             "refusing to load"),
+                             "it references posix.system"),
     "test-dcp": (lambda w: _run_args(w, "test", f"--ckpt_path={w.evil_dcp}", "--trainer.strategy=advanced"),
                  "is not a checkpoint metadata type"),
-    "predict-file": (lambda w: _run_args(w, "predict", f"--ckpt_path={w.evil_file}"), "refusing to load"),
+    "predict-file": (lambda w: _run_args(w, "predict", f"--ckpt_path={w.evil_file}"), "it references posix.system"),
     "slurm-ckpt": (lambda w: ["slurm", "--dry_run", "--devices", "1", f"--ckpt_path={w.evil_file}"],
                    "is set by the script"),
     "fit-truncated-file": (lambda w: _run_args(w, "fit", f"--ckpt_path={w.truncated_file}"),
@@ -240,3 +241,15 @@ def test_last_is_the_newest_last_checkpoint_of_the_same_run(tmp_path):
     assert find_last(trainer)[0] == tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     trainer.logger.init_args.version = "slurm-1"
     assert find_last(trainer)[0] is None
+
+
+def test_plan_reads_only_the_config_of_a_model_folder_holding_a_pickle(world, capsys):
+    folder = world.user / "pickled_model"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "config.json").write_text((world.base_model / "config.json").read_text())
+        torch.save({"model.embed_tokens.weight": _Payload(world.marker)}, folder / "pytorch_model.bin")
+    before = _tree(world.user)
+    assert main(["plan", f"--model.model_name_or_path={folder}", "--nodes=1", "--devices=2", "--gpu=h100-80gb"]) == 0
+    assert "chosen" in capsys.readouterr().out.lower()
+    assert not world.marker.exists() and _tree(world.user) == before

@@ -3,8 +3,8 @@
 Single-device and DDP runs write one ``torch.save`` file whose ``state_dict`` holds full tensors. Sharded runs write a
 directory: ``.metadata``, one ``__<rank>_0.distcp`` shard file per rank and ``meta.pt`` with everything that is not
 a tensor. The metadata gives every tensor's full shape, so ``torch.distributed.checkpoint`` fills it from all shards
-without a process group, whatever the layout was. Optimizer states are never read, and every pickle is read with
-``weights_only=True``: a checkpoint names values, never code to run.
+without a process group, whatever the layout was. Optimizer states are never read; every pickle is read with
+``weights_only=True``, and ``.metadata`` with the allow-list of ``safe_pickle``: a checkpoint names values, never code.
 """
 
 from __future__ import annotations

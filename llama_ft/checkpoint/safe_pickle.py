@@ -62,11 +62,13 @@ def _refusal(path: Path, reason: str) -> ConfigError:
 
 
 def _first_line(err: BaseException) -> str:
+    """The part of an error that says what is wrong, on one line (torch's refusals span paragraphs)."""
     text = str(err).strip()
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
     if match:
         return f"it references {match.group(1)}, which is not a tensor or plain value"
-    return text.splitlines()[0] if text else type(err).__name__
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first.split(". ")[0].rstrip(".")
 
 
 def check_dcp_metadata(directory: Path) -> None:
