@@ -253,3 +253,18 @@ def test_plan_reads_only_the_config_of_a_model_folder_holding_a_pickle(world, ca
     assert main(["plan", f"--model.model_name_or_path={folder}", "--nodes=1", "--devices=2", "--gpu=h100-80gb"]) == 0
     assert "chosen" in capsys.readouterr().out.lower()
     assert not world.marker.exists() and _tree(world.user) == before
+
+
+def test_new_empty_and_own_outputs_are_accepted(tmp_path):
+    from llama_ft.outputs import check_output_dir, check_output_file, mark_output_file
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_output_dir(empty, "--out")
+    check_output_dir(tmp_path / "new", "--out")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "1"}\n')
+    with pytest.raises(ConfigError, match="llama_ft did not write it"):
+        check_output_file(predictions, "output_path")
+    mark_output_file(predictions)
+    check_output_file(predictions, "output_path")  # its own earlier output: replaced without --overwrite
