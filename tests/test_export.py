@@ -106,6 +106,11 @@ def test_tensor_parallel_checkpoint_round_trip_with_tied_embeddings(tmp_path):
 # -------------------------------------------------------------------------------------------------- errors
 
 
+def _made_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _lightning_file(path: Path, **checkpoint) -> Path:
     torch.save(checkpoint, path)
     return path
@@ -116,7 +121,7 @@ def test_export_errors_say_what_is_wrong(tmp_path, tiny_checkpoint, capsys):
         "does not exist": tmp_path / "missing.ckpt",
         "not a Lightning checkpoint": _lightning_file(tmp_path / "plain.ckpt", weights=torch.zeros(2)),
         "already a Hugging Face directory": tiny_checkpoint,
-        "not a distributed Lightning checkpoint": tmp_path,
+        "not a distributed Lightning checkpoint": _made_dir(tmp_path / "some_dir"),
         "not written by llama_ft": _lightning_file(tmp_path / "other.ckpt", state_dict={"net.weight": torch.zeros(2)}),
         "Pass --config RECIPE.yaml": _lightning_file(
             tmp_path / "nohp.ckpt", state_dict={"model.lm_head.weight": torch.zeros(2)}
@@ -132,7 +137,7 @@ def test_export_refuses_to_overwrite_a_directory_that_is_no_export(tmp_path, cap
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     assert main(["export", "--ckpt", str(tmp_path / "any.ckpt"), "--out", str(keep)]) == 2
-    assert "is not a Hugging Face directory" in capsys.readouterr().err
+    assert "already holds files that llama_ft did not write" in capsys.readouterr().err
     assert (keep / "notes.txt").read_text() == "mine"
 
 

@@ -196,3 +196,32 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, restore_sigusr1
     trainer = _boring_trainer(tmp_path, _SignalAtBatch(4), PreemptionCheckpoint(), max_steps=3)
     trainer.fit(BoringModel())
     assert trainer.global_step == 3 and trainer.state.finished
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_ckpt_path_last_continues_the_newest_version_when_the_version_is_not_pinned(tmp_path, cache, capsys):
+    import logging
+
+    from llama_ft.cli import main
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+
+    args = ["fit", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--data.cache_dir={cache}", "--data.max_examples_per_split=16", "--data.max_length=128",
+            "--data.global_batch_size=4", "--data.micro_batch_size=4", "--data.val_every_n_steps=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    assert main([*args, "--trainer.max_steps=2"]) == 0
+    last = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    logging.getLogger("lightning.pytorch").addHandler(handler)  # Lightning's logger does not propagate
+    try:
+        assert main([*args, "--trainer.max_steps=4", "--ckpt_path=last"]) == 0
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert f"Restored all states from the checkpoint at {last}" in records
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["version_0"]  # no fresh version directory
+    assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 4
+    assert main([*args, "--trainer.max_steps=6", "--ckpt_path=last", "--model.learning_rate=0.5"]) == 2
+    assert "model.learning_rate: given 0.5, checkpoint 0.003" in capsys.readouterr().err

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from llama_ft.outputs import mark_output_file
+
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Writes ``{id, summary, reference}`` per line; each process writes its part, rank 0 joins them."""
@@ -28,5 +30,6 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.global_rank == 0:
             parts = [self.output_path.with_name(f"{self.output_path.name}.rank{r}") for r in range(trainer.world_size)]
             self.output_path.write_text("".join(p.read_text() for p in parts))
+            mark_output_file(self.output_path)  # a later run may replace it; anything else there is refused
             for p in parts:
                 p.unlink()

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_ft.errors import ConfigError
+from llama_ft.outputs import mark_output_dir
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -84,4 +85,5 @@ def save_hf_directory(
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    mark_output_dir(out)
     return out

@@ -3,13 +3,12 @@
 Single-device and DDP runs write one ``torch.save`` file whose ``state_dict`` holds full tensors. Sharded runs write a
 directory: ``.metadata``, one ``__<rank>_0.distcp`` shard file per rank and ``meta.pt`` with everything that is not
 a tensor. The metadata gives every tensor's full shape, so ``torch.distributed.checkpoint`` fills it from all shards
-without a process group, whatever the layout was. Optimizer states are never read, and every pickle is read with
-``weights_only=True``: a checkpoint names values, never code to run.
+without a process group, whatever the layout was. Optimizer states are never read; every pickle is read with
+``weights_only=True``, and ``.metadata`` with the allow-list of ``safe_pickle``: a checkpoint names values, never code.
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llama_ft.checkpoint.atomic import resolve_checkpoint
+from llama_ft.checkpoint.safe_pickle import check_dcp_metadata, load_weights_only
 from llama_ft.errors import ConfigError
 
 DCP_METADATA = ".metadata"
@@ -41,19 +41,9 @@ class LightningCheckpoint:
         return section.get(name)
 
 
-def _torch_load(path: Path, what: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(
-            f"{path} holds objects other than tensors and plain values ({err}). llama_ft reads {what} with "
-            "torch.load(weights_only=True) so that a checkpoint cannot run code; re-save it with plain "
-            "hyper-parameters (strings, numbers, lists, dicts)."
-        ) from err
-
-
 def _read_distributed(path: Path) -> LightningCheckpoint:
     """Full tensors of the module's state from every shard, in this process (no process group needed)."""
+    check_dcp_metadata(path)  # torch's reader unpickles .metadata with plain pickle: check it first
     reader = dcp.FileSystemReader(str(path))
     prefix = f"{STATE_DICT_KEY}."
     state = {
@@ -64,12 +54,12 @@ def _read_distributed(path: Path) -> LightningCheckpoint:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, storage_reader=reader)
-    metadata = _torch_load(path / LIGHTNING_METADATA, LIGHTNING_METADATA)
+    metadata = load_weights_only(path / LIGHTNING_METADATA)
     return LightningCheckpoint({key[len(prefix):]: value for key, value in state.items()}, metadata)
 
 
 def _read_file(path: Path) -> LightningCheckpoint:
-    checkpoint = _torch_load(path, "checkpoints")
+    checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(STATE_DICT_KEY), dict):
         raise ConfigError(
             f"{path} is not a Lightning checkpoint (no {STATE_DICT_KEY!r} mapping). Pass a .ckpt file or a "

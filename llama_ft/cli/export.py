@@ -20,6 +20,7 @@ from llama_ft.checkpoint.huggingface import save_hf_directory
 from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
+from llama_ft.outputs import check_output_dir, local_sources
 from llama_ft.presets import resolve_llama_config
 
 DESCRIPTION = ("Turn a checkpoint that fit wrote (single file, FSDP- or TP-sharded directory) into a Hugging Face "
@@ -78,23 +79,17 @@ def resolve_tokenizer(
         return None, f"the run's tokenizer {name!r} cannot be loaded here ({err}); pass --tokenizer to add one"
 
 
-def _check_output(out: Path, ckpt: Path) -> None:
-    """Refuse to replace anything but an earlier export: the output directory is swapped in whole."""
-    if out.resolve() == ckpt.resolve():
-        raise ConfigError(f"--out {out} is the checkpoint itself; pick another directory.")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file()):
-        raise ConfigError(f"--out {out} exists and is not a Hugging Face directory; pick a new or empty directory.")
-
-
-def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace,
-                      tokenizer: str | None = None) -> tuple[Path, str | None]:
+def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, tokenizer: str | None = None,
+                      overwrite: bool = False) -> tuple[Path, str | None]:
     """Write the Hugging Face directory; returns it and a note when no tokenizer could be included.
 
     ``recipe`` is the parsed recipe (its model and data sections). The directory is assembled beside ``out`` and
-    swapped in when complete, so an interrupted export never leaves a half-written model where one was.
+    swapped in when complete, so an interrupted export never leaves a half-written model where one was. ``out``
+    must be new, empty or an earlier llama_ft output unless ``overwrite``, and never the checkpoint or tokenizer.
     """
     ckpt, out = Path(ckpt), Path(out)
-    _check_output(out, ckpt)
+    sources = local_sources(ckpt, tokenizer, recipe.model.model_name_or_path, recipe.data.tokenizer)
+    check_output_dir(out, "--out", sources, overwrite)
     checkpoint = read_checkpoint(ckpt)
     weights = hf_weights(checkpoint, ckpt)
     model = build_model(trained_architecture(checkpoint, recipe, ckpt), weights, ckpt)
@@ -109,7 +104,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace,
 
 def run(config: Namespace, argv: list[str]) -> int:
     """Export, and say where (and whether a tokenizer could be included)."""
-    out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer)
+    out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer,
+                                   overwrite=config.overwrite)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     print(f"Hugging Face model written to {out}")

@@ -17,6 +17,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
+from llama_ft.cli.outputs import check_run_outputs
+from llama_ft.cli.resume import prepare_checkpoint
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import LlamaFTError
 from llama_ft.module import LlamaFineTuner
@@ -49,6 +51,13 @@ class LlamaCLI(LightningCLI):
             parser_kwargs={"description": "Fine-tune Llama on CNN/DailyMail; plan, submit and export the runs."},
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Options every command shares: consent to replace outputs, and to override a checkpoint's settings."""
+        parser.add_argument("--overwrite", type=bool, nargs="?", const=True, default=False,
+                            help="replace an output (HF export, --out, predictions) that llama_ft did not write")
+        parser.add_argument("--ckpt_overrides", type=bool, nargs="?", const=True, default=False,
+                            help="with --ckpt_path: settings that differ from the checkpoint's win (else an error)")
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """``main(argv)`` passes the arguments on purpose (Lightning warns when ``sys.argv`` holds others)."""
         self.config = parser.parse_args(args)
@@ -69,9 +78,21 @@ class LlamaCLI(LightningCLI):
         if self.subcommand not in EXTRA_COMMANDS:  # the extra commands draw no random numbers
             super()._set_seed()
 
+    def _parse_ckpt_path(self) -> None:
+        """Replaces Lightning's, which unpickles the file and lets its hyper-parameters silently win: resolve
+        ``last``, check the checkpoint with the allow-lists and refuse settings that conflict with it."""
+        command = self.config.get("subcommand")
+        if command not in TRAINER_COMMANDS:
+            return
+        config = self.config[command]
+        path = prepare_checkpoint(command, config, config.ckpt_overrides)
+        if path is not None or config.get("ckpt_path") == "last":
+            config.ckpt_path = None if path is None else str(path)
+
     def instantiate_classes(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:
             super().instantiate_classes()
+            check_run_outputs(self.subcommand, self.config[self.subcommand], self.trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand not in EXTRA_COMMANDS:

@@ -3,6 +3,7 @@ refuse unusable ones with a message that says how to fix them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -72,13 +73,40 @@ def _empty_split(split: str, source: str) -> DataError:
     return DataError(f"split {split!r} of {source!r} is empty; it needs at least one (article, highlights) row.")
 
 
+def local_data_files(root: Path) -> dict[str, list[str]]:
+    """The parquet files of each split of a hub-layout folder (``3.0.0/<split>-*.parquet``)."""
+    files: dict[str, list[str]] = {}
+    for path in sorted((root / DATASET_CONFIG).glob("*.parquet")):
+        files.setdefault(path.name.split("-")[0], []).append(str(path.resolve()))
+    return files
+
+
+def content_fingerprint(files: dict[str, list[str]]) -> str:
+    """A cache key from each data file's path, size, modification and status-change times and inode: ``datasets``
+    keys a local folder by its name, so another folder of the same name, or one edited in place, would return the
+    rows cached before. (The change time and inode catch a file replaced with its old modification time kept.)"""
+    digest = hashlib.sha256()
+    for split, paths in sorted(files.items()):
+        for path in paths:
+            stat = os.stat(path)
+            fields = (split, path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            digest.update("\0".join(map(str, fields)).encode() + b"\n")
+    return f"{DATASET_CONFIG}-{digest.hexdigest()[:16]}"
+
+
 def load_splits(name: str, splits: tuple[str, ...], cache_dir: str | None = None) -> datasets.DatasetDict:
     """Load CNN/DailyMail 3.0.0 (or a folder shaped like it) and check columns and emptiness."""
     source = resolve_dataset_source(name)
-    if _looks_local(source) and (Path(source) / DATASET_CONFIG).is_dir():
+    local_parquet = _looks_local(source) and (Path(source) / DATASET_CONFIG).is_dir()
+    if local_parquet:
         check_local_parquet(Path(source), splits)
     try:
-        loaded = datasets.load_dataset(source, DATASET_CONFIG, cache_dir=cache_dir)
+        if local_parquet:
+            files = local_data_files(Path(source))
+            loaded = datasets.load_dataset("parquet", name=content_fingerprint(files), data_files=files,
+                                           cache_dir=cache_dir)
+        else:
+            loaded = datasets.load_dataset(source, DATASET_CONFIG, cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:
