@@ -53,9 +53,14 @@ class CostCoefficients:
     fragmentation: float = 0.05  # caching-allocator fragmentation, as a fraction of everything else
     host_memory_per_device_bytes: int = 200 * GiB  # host RAM one device may use for CPU offload
     # --- compute -----------------------------------------------------------------------------------------
-    matmul_efficiency: float = 0.45  # achievable fraction of peak FLOP/s for large micro-batches
+    # The large-model efficiency is the accelerator's (``accelerators.MATMUL_EFFICIENCY``); it falls for narrow
+    # layers: half of it at this width (hidden / tp), fitted on torchtitan's 64 × A100 runs, whose hardware FLOPs
+    # utilization grows from ~60% at hidden 4096 (Llama 3 8B) to ~69% at 8192 (Llama 3 70B, full AC).
+    half_efficiency_width: int = 1500
     half_efficiency_tokens: int = 128  # micro-batch tokens at which efficiency is half the large-batch value
-    selective_recompute_forward_fraction: float = 0.1  # share of the forward re-run by selective checkpointing
+    # Share of the forward re-run by selective checkpointing: an op-level policy saving about half the matmul
+    # outputs (torchtitan's per-op SAC recomputes every other matmul) re-runs about half of the forward.
+    selective_recompute_forward_fraction: float = 0.5
     fp32_matmul_fraction: float = 0.5  # 32-true matmuls (TF32, matmul precision "high") vs bf16 peak
     layer_overhead_s: float = 50e-6  # launch/Python overhead per layer per micro-batch, forward + backward
     # --- communication -----------------------------------------------------------------------------------
