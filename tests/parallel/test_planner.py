@@ -180,7 +180,7 @@ def test_report_and_dict_describe_the_result():
     json.dumps(data)  # plain values only
     text = format_plan_report(result, top=5)
     assert f"Chosen: {result.chosen.describe()}" in text
-    assert "Rejected layouts" in text and "DDP 8 × TP 1" in text
+    assert "Rejected layouts" in text and "DDP 8, AC" in text
     assert text.count("FSDP") >= 5
 
 

@@ -31,7 +31,7 @@ def test_advanced_fits_the_embedded_default_on_two_processes(tmp_path):
     proc = _fit(tmp_path, "--trainer.strategy=advanced")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "Chosen: DDP 2 × TP 1" in output
+    assert "Chosen: DDP 2, AC" in output
     assert "Starting with 2 processes" in output
     (plan_file,) = tmp_path.glob("tiny/version_*/plan.json")
     plan = json.loads(plan_file.read_text())

@@ -13,7 +13,7 @@ from typing import Any
 
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
-from llama_ft.parallel.planning.units import GIGA, TERA, GiB
+from llama_ft.parallel.planning.units import GIGA, TERA, GiB, readable_count
 
 # Share of a NIC's line rate ring collectives reach: 400 Gb/s InfiniBand gives ~45 GB/s of nccl-tests bus bandwidth.
 NIC_EFFICIENCY = 0.9
@@ -153,7 +153,7 @@ class ModelSpec:
     def describe(self) -> str:
         tied = ", tied embeddings" if self.tied_embeddings else ""
         return (
-            f"{self.name}: {self.total_params / 1e9:.2f} B parameters, {self.num_layers} layers, hidden "
+            f"{self.name}: {readable_count(self.total_params)} parameters, {self.num_layers} layers, hidden "
             f"{self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} KV heads, intermediate "
             f"{self.intermediate_size}, vocab {self.vocab_size}{tied}"
         )
@@ -276,7 +276,8 @@ class ClusterSpec:
         across = (f"{self.node_network_bandwidth / GIGA:.0f} GB/s per node across nodes "
                   f"({self.inter_node_bandwidth / GIGA:.0f} per device)" if self.nodes > 1 else "one node")
         return (
-            f"{nodes} × {self.devices_per_node} {self.accelerator} ({self.world_size} devices; "
+            f"{nodes} × {self.devices_per_node} {self.accelerator} ({self.world_size} "
+            f"device{'s' if self.world_size > 1 else ''}; "
             f"{self.device_memory_bytes / GiB:.1f} GiB, {self.peak_flops / TERA:.0f} TFLOP/s bf16 each; links "
             f"{self.intra_node_bandwidth / GIGA:.0f} GB/s in a node, {across})"
         )

@@ -81,11 +81,12 @@ def group_link(cluster: ClusterSpec, size: int, stride: int, coeffs: CostCoeffic
 
 
 def ring_all_gather_s(nbytes: float, ranks: int, link: tuple[float, float], collectives: int = 1) -> float:
-    """Ring all-gather/reduce-scatter moves (N-1)/N of the full buffer through each device's link."""
+    """Ring all-gather/reduce-scatter moves (N-1)/N of the full buffer through each device's link, in N-1 steps
+    that each pay the link's latency: on thousands of ranks the steps, not the bytes, bound small per-layer shards."""
     if ranks <= 1:
         return 0.0
     bandwidth, latency = link
-    return (ranks - 1) / ranks * nbytes / bandwidth + collectives * latency * (1 + math.log2(ranks))
+    return (ranks - 1) / ranks * nbytes / bandwidth + collectives * latency * (ranks - 1)
 
 
 def ring_all_reduce_s(nbytes: float, ranks: int, link: tuple[float, float], collectives: int = 1) -> float:
