@@ -158,7 +158,12 @@ rows test them. "selective" runs (torchtitan's per-layer or per-op SAC) are plan
 sources do. Memory is this project's model of its own implementation (Hugging Face Llama, FSDP2), not of the
 published code, so it is shown for reference. Sources: torchtitan (github.com/pytorch/torchtitan, the files and
 commits named), IBM's fms-fsdp README and the PyTorch blog post "Maximizing training throughput using PyTorch FSDP".
-Regenerate: `python benchmarks/planner_vs_published.py --write`.
+Precision bf16 mixed everywhere; the network is the device table's (A100: 200 Gb/s InfiniBand per GPU, H100: 400
+Gb/s per GPU, as torchtitan's H100 hosts report; torchtitan's A100 and IBM's clusters do not state theirs). Caveats:
+the 405B row's training config sets compile = true while its table row lists no optimizations (kept, held out); IBM's
+13B HSDP row at micro-batch 1 (1,700 tok/s, 47% MFU) is 27% below the prediction and below torchtitan's 13B on the
+same GPU (61% MFU), a gap the planner's inputs cannot explain (IBM's network is not published); IBM's H100 table was
+not retrievable here and is not used. Regenerate: `python benchmarks/planner_vs_published.py --write`.
 
 """
 
