@@ -1,9 +1,10 @@
 """Predicted seconds per optimizer step of one layout, to rank the layouts that fit against each other.
 
-Compute runs at an efficiency that grows with the micro-batch's tokens; collectives follow ring all-gather /
-all-reduce costs over the link their process group spans, and hide behind compute except for a small share;
-the optimizer step is memory-bound, and CPU offload adds PCIe traffic and host AdamW. The ranking matters more than
-the absolute number: the planner picks among near-ties by simplicity.
+Compute runs at the accelerator's calibrated matmul efficiency, lower for narrow layers and small micro-batches, on the
+tokens rows really hold after batching; collectives follow ring all-gather / all-reduce costs over the link their
+process group spans (a ring over whole nodes uses every NIC of each node) and hide behind compute except for a small
+share; the optimizer step is memory-bound, and CPU offload adds PCIe traffic and host AdamW. Calibrated against
+published GPU runs: benchmarks/results/planner_vs_published.md.
 """
 
 from __future__ import annotations
