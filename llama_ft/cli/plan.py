@@ -161,7 +161,7 @@ def run(config: Namespace, argv: list[str]) -> int:
     fraction_kwargs = {} if fraction is None else {"memory_fraction": float(fraction)}
     result = plan_parallelism(model, resolve_cluster(config), resolve_train(config), pins, **fraction_kwargs)
     if config.verify or config.verify_top:
-        status = print_verified(result, llama, config)
+        status, result = print_verified(result, llama, config)
     elif config.json:
         print(json.dumps(plan_result_to_dict(result, max_candidates=config.top), indent=2))
         status = 0
@@ -175,8 +175,9 @@ def run(config: Namespace, argv: list[str]) -> int:
     return status
 
 
-def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) -> int:
-    """Simulate, replace the choice if it does not fit, print; exit 1 when no simulated candidate fits."""
+def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) -> tuple[int, PlanResult]:
+    """Simulate, replace the choice if it does not fit, print; exit status 1 when no simulated candidate fits, and
+    the result as verification left it (the plot draws that one)."""
     from llama_ft.parallel.planning.verify import verification_to_dict, verify_plan  # imports torch: only when asked
 
     verified = verify_plan(result, llama, top_k=config.verify_top or 1)
@@ -189,4 +190,4 @@ def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) ->
         print()
         print(format_verification(verified))
     refuted = all(check.fits is False for check in verified.verifications)
-    return 1 if refuted else 0
+    return (1 if refuted else 0), verified.result
