@@ -65,9 +65,22 @@ def test_text_report_and_flags_override_the_recipe(recipe_8b, capsys):
                  "--seq_len", "2048", "--global_batch_size", "64", "--top", "3"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "sequence 2048, global batch 64" in out
+    assert "sequence 2048, 943 real tokens per row on average, global batch 64" in out  # CNN/DailyMail rows
     assert "Chosen: " in out and "Top 3 of" in out
     assert "tokens/s/device" in out and "MFU" in out
+
+
+def test_network_option_batching_mode_and_plot(recipe_8b, tmp_path, capsys):
+    base = ["--config", str(recipe_8b), "--nodes", "2", "--devices", "8", "--gpu", "h100-80gb"]
+    slow_net = run_json([*base, "--inter_node_gbps", "200", "--data.batching", "packed"], capsys)
+    assert slow_net["cluster"]["node_network_gb_per_s"] == pytest.approx(200 / 8 * 0.9)
+    assert slow_net["train"]["mean_tokens_per_row"] is None  # packed rows are full
+    padded = run_json([*base, "--data.batching", "pad_to_max"], capsys)
+    assert padded["train"]["pads_to_max"] and 800 < padded["train"]["mean_tokens_per_row"] < 900
+    picture = tmp_path / "plan.png"
+    assert main([*base, "--plot", str(picture)]) == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    assert main([*base, "--plot", str(recipe_8b)]) == 2  # not a PNG: refused before planning
 
 
 def test_strategy_init_args_pins_apply(tmp_path, capsys):

@@ -17,6 +17,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_ty
 from lightning.pytorch.cli import LightningArgumentParser
 from transformers import LlamaConfig
 
+from llama_ft.data.lengths import expected_row_tokens
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import accelerator_names
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
@@ -40,6 +41,9 @@ def add_arguments(parser: LightningArgumentParser) -> None:
     cluster.add_argument("--gpu", type=str | None, help=f"one of {accelerator_names()} (default: this machine's)")
     cluster.add_argument("--gpu_memory_gib", type=PositiveFloat | None, help="memory of a device not in the table")
     cluster.add_argument("--gpu_tflops", type=PositiveFloat | None, help="dense bf16 peak of a device not in the table")
+    cluster.add_argument("--inter_node_gbps", type=PositiveFloat | None,
+                         help="NIC bandwidth of one node in Gb/s, all NICs together (e.g. 8 × 400 = 3200; default: "
+                              "the device table's, one 400 Gb/s NIC per H100, 200 Gb/s per A100)")
     recipe = parser.add_argument_group("overrides of the recipe")
     recipe.add_argument("--seq_len", type=PositiveInt | None, help="sequence length (default: data.max_length)")
     recipe.add_argument("--global_batch_size", type=PositiveInt | None, help="default: data.global_batch_size")
@@ -55,6 +59,8 @@ def add_arguments(parser: LightningArgumentParser) -> None:
     recipe.add_argument("--cpu_offload", type=bool | None, help="force (true) or forbid (false) CPU offload")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    output.add_argument("--plot", type=Path | None,
+                        help="also draw memory by part and predicted tokens/s of the top candidates to this PNG")
     output.add_argument("--top", type=PositiveInt | None, help="candidates to show (text default 10; JSON all)")
     output.add_argument("--verify", action="store_true",
                         help="simulate the chosen plan at full size on fake tensors (CPU, ~10-60 s); a plan that "
@@ -94,10 +100,13 @@ def resolve_model(config: Namespace) -> tuple[ModelSpec, LlamaConfig]:
 
 
 def resolve_train(config: Namespace) -> TrainSpec:
+    """The recipe's sizes; real tokens per row follow the data's batching mode (``llama_ft.data.lengths``)."""
     precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
-    return TrainSpec(config.seq_len or config.data.max_length,
-                     config.global_batch_size or config.data.global_batch_size,
-                     normalize_precision(str(precision)))
+    seq_len = config.seq_len or config.data.max_length
+    rows = expected_row_tokens(str(config.data.dataset), str(config.data.batching), seq_len)
+    return TrainSpec(seq_len, config.global_batch_size or config.data.global_batch_size,
+                     normalize_precision(str(precision)), mean_tokens_per_row=rows.mean,
+                     pads_to_max=rows.pads_to_max)
 
 
 def _devices(value: Any) -> int | None:
@@ -120,11 +129,13 @@ def resolve_cluster(config: Namespace) -> ClusterSpec:
     if config.gpu_memory_gib or config.gpu_tflops:
         if not (config.gpu_memory_gib and config.gpu_tflops):
             raise ConfigError("a device not in the table needs both --gpu_memory_gib and --gpu_tflops.")
-        return ClusterSpec.describe_device(config.gpu_memory_gib, config.gpu_tflops, nodes, devices,
-                                           name=config.gpu or "custom")
-    if config.gpu:
-        return ClusterSpec.from_accelerator(config.gpu, nodes, devices)
-    return ClusterSpec.detect(nodes, devices)
+        cluster = ClusterSpec.describe_device(config.gpu_memory_gib, config.gpu_tflops, nodes, devices,
+                                              name=config.gpu or "custom")
+    elif config.gpu:
+        cluster = ClusterSpec.from_accelerator(config.gpu, nodes, devices)
+    else:
+        cluster = ClusterSpec.detect(nodes, devices)
+    return cluster if config.inter_node_gbps is None else cluster.with_node_network(config.inter_node_gbps)
 
 
 def resolve_pins(config: Namespace) -> tuple[PlanPins, float | None]:
@@ -141,21 +152,32 @@ def resolve_pins(config: Namespace) -> tuple[PlanPins, float | None]:
 
 def run(config: Namespace, argv: list[str]) -> int:
     """Plan and print; exit 1 when ``--verify`` refutes every candidate (input that cannot work raises)."""
+    if config.plot:
+        from llama_ft.parallel.planning.plot import check_plot_path  # matplotlib only when a picture is asked for
+
+        check_plot_path(config.plot)
     model, llama = resolve_model(config)
     pins, fraction = resolve_pins(config)
     fraction_kwargs = {} if fraction is None else {"memory_fraction": float(fraction)}
     result = plan_parallelism(model, resolve_cluster(config), resolve_train(config), pins, **fraction_kwargs)
     if config.verify or config.verify_top:
-        return print_verified(result, llama, config)
-    if config.json:
+        status, result = print_verified(result, llama, config)
+    elif config.json:
         print(json.dumps(plan_result_to_dict(result, max_candidates=config.top), indent=2))
+        status = 0
     else:
         print(format_plan_report(result, top=config.top or 10))
-    return 0
+        status = 0
+    if config.plot:
+        from llama_ft.parallel.planning.plot import plot_plan
+
+        plot_plan(result, config.plot)
+    return status
 
 
-def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) -> int:
-    """Simulate, replace the choice if it does not fit, print; exit 1 when no simulated candidate fits."""
+def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) -> tuple[int, PlanResult]:
+    """Simulate, replace the choice if it does not fit, print; exit status 1 when no simulated candidate fits, and
+    the result as verification left it (the plot draws that one)."""
     from llama_ft.parallel.planning.verify import verification_to_dict, verify_plan  # imports torch: only when asked
 
     verified = verify_plan(result, llama, top_k=config.verify_top or 1)
@@ -168,4 +190,4 @@ def print_verified(result: PlanResult, llama: LlamaConfig, config: Namespace) ->
         print()
         print(format_verification(verified))
     refuted = all(check.fits is False for check in verified.verifications)
-    return 1 if refuted else 0
+    return (1 if refuted else 0), verified.result

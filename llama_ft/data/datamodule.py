@@ -19,6 +19,7 @@ from llama_ft.data.batching import (
     MicroBatchDataset,
     MicroBatchSampler,
 )
+from llama_ft.data.lengths import RowTokens, expected_row_tokens
 from llama_ft.data.prompt import choose_pad_token_id, summary_budget_error, template_tokens, tokenize_examples
 from llama_ft.data.sources import load_splits, load_tokenizer
 from llama_ft.errors import ConfigError
@@ -112,6 +113,10 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         """
         grad_accumulation(self.global_batch_size, micro_batch_size, data_parallel_size)
         self._plan = (micro_batch_size, data_parallel_size)
+
+    def row_tokens(self) -> RowTokens:
+        """Real tokens per row after batching, which the ``advanced`` strategy plans step time and tokens/s with."""
+        return expected_row_tokens(self.dataset, self.batching, self.max_length)
 
     def teardown(self, stage: str) -> None:
         self._plan = None  # a plan belongs to one Trainer run; the next one plans again (or runs the recipe's)

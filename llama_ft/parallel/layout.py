@@ -51,11 +51,14 @@ class Layout:
         return "DDP" if self.dp_replicate > 1 else "single"
 
     def describe(self) -> str:
+        """E.g. "FSDP 8 × TP 1, AC none"; pure data parallelism reads "DDP 8", one device "single device"."""
         if self.dp_shard > 1 and self.dp_replicate > 1:
-            dp = f"HSDP {self.dp_replicate}×{self.dp_shard}"
+            dp = f"HSDP {self.dp_replicate}×{self.dp_shard} × TP {self.tp}"
         elif self.dp_shard > 1:
-            dp = f"FSDP {self.dp_shard}"
+            dp = f"FSDP {self.dp_shard} × TP {self.tp}"
+        elif self.dp_replicate > 1:
+            dp = f"DDP {self.dp_replicate}" + (f" × TP {self.tp}" if self.tp > 1 else "")
         else:
-            dp = f"DDP {self.dp_replicate}"
+            dp = f"TP {self.tp}" if self.tp > 1 else "single device"
         offload = ", CPU offload" if self.cpu_offload else ""
-        return f"{dp} × TP {self.tp}, AC {self.activation_checkpointing}{offload}"
+        return f"{dp}, AC {self.activation_checkpointing}{offload}"

@@ -45,3 +45,15 @@ def test_the_strategy_refuses_a_module_without_the_protocol_before_planning():
 def test_the_strategy_refuses_bare_dataloaders_before_planning():
     with pytest.raises(ConfigError, match=r"needs a data module \(PlannableData\) but got none"):
         _attached(LlamaFineTuner(model_config="llama-tiny")).make_plan()
+
+
+def test_the_strategy_plans_real_tokens_per_row_and_the_given_node_network():
+    strategy = AdvancedParallelStrategy(inter_node_gbps=800)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False)
+    module = LlamaFineTuner(model_config="llama-tiny")
+    module.trainer = trainer
+    trainer.strategy.connect(module)
+    trainer.datamodule = CNNDailyMailDataModule(dataset="abisee/cnn_dailymail", batching="pad_to_max")
+    train = strategy.train_spec()
+    assert train.pads_to_max and 800 < (train.mean_tokens_per_row or 0) < 900  # CNN/DailyMail rows at 1,024
+    assert strategy.cluster_spec().node_network_bandwidth == pytest.approx(800 / 8 * 0.9 * 1e9)

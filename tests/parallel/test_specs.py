@@ -136,3 +136,17 @@ def test_train_spec_normalizes_lightning_precision_spellings():
         TrainSpec(1024, 256, "bf16-mixed", optimizer="sgd")
     with pytest.raises(ConfigError):
         TrainSpec(0, 256)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_model_spec_from_preset_json_equals_the_llama_config_route(preset):
+    assert ModelSpec.from_preset(preset) == ModelSpec.from_llama_config(load_llama_config(preset), name=preset)
+
+
+def test_model_spec_from_preset_refuses_unknown_names_and_other_architectures(tmp_path):
+    with pytest.raises(ConfigError, match="neither a preset"):
+        ModelSpec.from_preset("llama-9000")
+    gpt = tmp_path / "gpt.json"
+    gpt.write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="Llama only"):
+        ModelSpec.from_preset(gpt)

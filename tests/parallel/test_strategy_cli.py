@@ -31,12 +31,13 @@ def test_advanced_fits_the_embedded_default_on_two_processes(tmp_path):
     proc = _fit(tmp_path, "--trainer.strategy=advanced")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "Chosen: DDP 2 × TP 1" in output
+    assert "Chosen: DDP 2, AC" in output
     assert "Starting with 2 processes" in output
     (plan_file,) = tmp_path.glob("tiny/version_*/plan.json")
     plan = json.loads(plan_file.read_text())
     assert (plan["chosen"]["dp_replicate"], plan["chosen"]["dp_shard"], plan["chosen"]["tp"]) == (2, 1, 1)
     assert plan["candidates"][0] == plan["chosen"] and plan["rejected"] is not None
+    assert plan_file.with_name("plan.png").read_bytes()[:4] == b"\x89PNG"  # the picture beside the JSON
     assert list(tmp_path.glob("tiny/version_*/hf_model/model.safetensors"))
 
 
@@ -62,3 +63,5 @@ def test_each_process_sets_up_its_own_device(tmp_path):
     assert proc.returncode == 0, output[-4000:]
     recorded = sorted(line for line in output.splitlines() if line.startswith(DEVICE_MARKER))
     assert recorded == [f"{DEVICE_MARKER} local rank 0: cpu:0", f"{DEVICE_MARKER} local rank 1: cpu:1"]
+    (picture,) = tmp_path.glob("tiny/version_*/plan.png")  # rank 0 draws the plan beside plan.json
+    assert picture.read_bytes()[:4] == b"\x89PNG" and picture.with_name("plan.json").is_file()

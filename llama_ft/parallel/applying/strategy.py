@@ -33,6 +33,7 @@ from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 
 Auto = Literal["auto"]
 PLAN_FILENAME = "plan.json"
+PLOT_FILENAME = "plan.png"
 
 # FSDP2 mixed-precision policy per Lightning precision: (compute/param dtype, gradient reduce dtype).
 _MIXED_PRECISION = {
@@ -67,6 +68,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         accelerator_name: str | None = None,
         device_memory_gib: float | None = None,
         peak_tflops: float | None = None,
+        inter_node_gbps: float | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -88,6 +90,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         self.accelerator_name = accelerator_name
         self.device_memory_gib = device_memory_gib
         self.peak_tflops = peak_tflops
+        self.inter_node_gbps = inter_node_gbps
         self.plan_result: PlanResult | None = None
 
     @property
@@ -128,20 +131,28 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         )
 
     def cluster_spec(self) -> ClusterSpec:
+        """The detected cluster (or the described device); ``inter_node_gbps`` gives the node's NICs in Gb/s."""
         if self.device_memory_gib is not None or self.peak_tflops is not None:
             if self.device_memory_gib is None or self.peak_tflops is None:
                 raise ConfigError("describe an unknown device with both device_memory_gib and peak_tflops.")
-            return ClusterSpec.describe_device(
+            cluster = ClusterSpec.describe_device(
                 self.device_memory_gib, self.peak_tflops, nodes=self.num_nodes, devices_per_node=self.num_processes
             )
-        return ClusterSpec.detect(self.num_nodes, self.num_processes, accelerator_override=self.accelerator_name)
+        else:
+            cluster = ClusterSpec.detect(self.num_nodes, self.num_processes, accelerator_override=self.accelerator_name)
+        return cluster if self.inter_node_gbps is None else cluster.with_node_network(self.inter_node_gbps)
 
     def train_spec(self) -> TrainSpec:
+        """The recipe's sizes, with the data module's real tokens per row when it can say (``row_tokens()``)."""
         datamodule = self._datamodule()
+        row_tokens = getattr(datamodule, "row_tokens", None)
+        rows = row_tokens() if callable(row_tokens) else None
         return TrainSpec(
             seq_len=datamodule.max_length,
             global_batch_size=datamodule.global_batch_size,
             precision=self.precision_plugin.precision,
+            mean_tokens_per_row=getattr(rows, "mean", None),
+            pads_to_max=bool(getattr(rows, "pads_to_max", False)),
         )
 
     def _module(self) -> PlannableModule:
@@ -165,6 +176,9 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         rank_zero_info(format_plan_report(result))
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / PLAN_FILENAME).write_text(json.dumps(plan_result_to_dict(result), indent=2) + "\n")
+        from llama_ft.parallel.planning.plot import plot_plan  # matplotlib: rank 0 only, once per run
+
+        plot_plan(result, log_dir / PLOT_FILENAME)
 
     # ------------------------------------------------------------------------------------------- applying
     @contextmanager

@@ -8,7 +8,7 @@ planner's usable fraction is taken.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.units import GIGA, TERA, GiB, MiB
@@ -25,7 +25,20 @@ class Accelerator:
     inter_node_bandwidth: float  # bytes/s per device per direction across nodes (InfiniBand / RoCE NIC share)
     memory_bandwidth: float  # HBM bytes/s: bounds element-wise work such as the optimizer step
     description: str = ""
+    # Achievable share of peak FLOP/s of a wide model's training matmuls in eager PyTorch (see MATMUL_EFFICIENCY).
+    matmul_efficiency: float = 0.45
 
+
+# Achievable matmul efficiency of eager bf16 training (FSDP2, SDPA flash attention) at large width, fitted on the
+# published runs marked "fit" in benchmarks/results/planner_vs_published.md (the step-time model multiplies it by
+# hidden / (hidden + CostCoefficients.half_efficiency_width)):
+# - A100: torchtitan's docs/performance.md (64 × A100 80GB, FSDP2): Llama 2 13B 61.1% MFU without AC, Llama 3 8B
+#   56.8-58.2% with selective AC, Llama 3 70B 51.7% MFU = 69% hardware FLOPs with full AC; IBM's "Maximizing training
+#   throughput using PyTorch FSDP" (PyTorch blog, 2024): Llama 2 7B at 57% MFU on 128 A100.
+# - H100: torchtitan's benchmarks/llama3_h100_202412_torchtitan.md: Llama 3.1 8B eager FSDP reaches 33-39% MFU on
+#   500 W HBM2e H100s (reported against the 989 TFLOP/s SXM peak); H100 runs reach 35-45% MFU eagerly.
+# Other devices keep a conservative guess from their generation (MI300X: like H100 relative to its peak).
+MATMUL_EFFICIENCY = {"a100": 0.84, "h100": 0.52, "h200": 0.55, "l40s": 0.55, "mi300x": 0.40, "cpu": 0.45}
 
 # Memory as the driver reports it (nvidia-smi / rocm-smi totals); FLOP/s from the vendors' dense bf16 figures;
 # link numbers are achievable ring bus bandwidth: NVLink4 ~360 GB/s, NVLink3 ~230 GB/s, PCIe Gen4 through the
@@ -40,6 +53,10 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator(
             "h200-141gb", 143771 * MiB, 989 * TERA, 360 * GIGA, 45 * GIGA, 4800 * GIGA,
             "NVIDIA H200 SXM 141GB, NVLink 4, 400 Gb/s InfiniBand per GPU",
+        ),
+        Accelerator(
+            "h100-96gb", 95830 * MiB, 989 * TERA, 360 * GIGA, 45 * GIGA, 2400 * GIGA,
+            "NVIDIA H100 96GB HBM2e at 500 W (Meta's Grand Teton, torchtitan's benchmarks), 400 Gb/s per GPU",
         ),
         Accelerator(
             "a100-80gb", 81920 * MiB, 312 * TERA, 230 * GIGA, 22 * GIGA, 2039 * GIGA,
@@ -63,11 +80,14 @@ ACCELERATORS: dict[str, Accelerator] = {
         ),
     )
 }
+ACCELERATORS = {name: replace(acc, matmul_efficiency=MATMUL_EFFICIENCY[name.split("-")[0]])
+                for name, acc in ACCELERATORS.items()}
 
 # Substrings of ``torch.cuda.get_device_name()`` (lower-cased) and the smallest memory that tells two
 # same-named parts apart (A100 40GB vs 80GB), checked in order.
 _DEVICE_NAME_PATTERNS: tuple[tuple[str, float, str], ...] = (
     ("h200", 0, "h200-141gb"),
+    ("h100", 90, "h100-96gb"),
     ("h100", 0, "h100-80gb"),
     ("a100", 60, "a100-80gb"),
     ("a100", 0, "a100-40gb"),

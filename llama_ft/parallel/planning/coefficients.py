@@ -53,15 +53,23 @@ class CostCoefficients:
     fragmentation: float = 0.05  # caching-allocator fragmentation, as a fraction of everything else
     host_memory_per_device_bytes: int = 200 * GiB  # host RAM one device may use for CPU offload
     # --- compute -----------------------------------------------------------------------------------------
-    matmul_efficiency: float = 0.45  # achievable fraction of peak FLOP/s for large micro-batches
+    # The large-model efficiency is the accelerator's (``accelerators.MATMUL_EFFICIENCY``); it falls for narrow
+    # layers: half of it at this width (hidden / tp), fitted on torchtitan's 64 × A100 runs, whose hardware FLOPs
+    # utilization grows from ~60% at hidden 4096 (Llama 3 8B) to ~69% at 8192 (Llama 3 70B, full AC).
+    half_efficiency_width: int = 1500
     half_efficiency_tokens: int = 128  # micro-batch tokens at which efficiency is half the large-batch value
-    selective_recompute_forward_fraction: float = 0.1  # share of the forward re-run by selective checkpointing
+    # Share of the forward re-run by selective checkpointing: an op-level policy saving about half the matmul
+    # outputs (torchtitan's per-op SAC recomputes every other matmul) re-runs about half of the forward.
+    selective_recompute_forward_fraction: float = 0.5
     fp32_matmul_fraction: float = 0.5  # 32-true matmuls (TF32, matmul precision "high") vs bf16 peak
     layer_overhead_s: float = 50e-6  # launch/Python overhead per layer per micro-batch, forward + backward
     # --- communication -----------------------------------------------------------------------------------
     min_exposed_fraction: float = 0.05  # even fully overlapped collectives leave this share exposed
-    intra_node_latency_s: float = 5e-6  # per collective step inside a node
-    inter_node_latency_s: float = 15e-6  # per collective step across nodes
+    # Per ring step (a ring of N ranks takes N-1). NCCL's own latency model (src/graph/tuning.cc, ring with the Simple
+    # protocol) charges ~5.7 µs per NVLink hop and 6.6-9.6 µs per network hop on top of an 8.4 µs base; it bounds
+    # FSDP's per-layer collectives once thousands of ranks cut each shard small.
+    intra_node_latency_s: float = 5e-6
+    inter_node_latency_s: float = 15e-6
     # --- optimizer and offload ---------------------------------------------------------------------------
     optimizer_bytes_per_param: int = 32  # HBM traffic of a fused AdamW step (read p, g, m, v; write p, m, v)
     host_link_bandwidth: float = 25e9  # achievable PCIe bytes/s per device for CPU offload traffic

@@ -16,7 +16,7 @@ from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS, CostCo
 from llama_ft.parallel.planning.memory import MemoryBreakdown, estimate_memory
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 from llama_ft.parallel.planning.step_time import StepTime, estimate_step_time, model_flops_per_step
-from llama_ft.parallel.planning.units import GiB
+from llama_ft.parallel.planning.units import GiB, readable_count
 
 # Share of device memory a plan may fill: the rest is left to what neither the cost model nor the simulation sees.
 DEFAULT_MEMORY_FRACTION = 0.9
@@ -334,23 +334,23 @@ def plan_parallelism(
 def fits_somewhere(
     model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins, usable: float,
     coeffs: CostCoefficients,
-) -> bool:
-    """Cheap feasibility: does any allowed shape fit with its least-memory settings (full AC, smallest batch)?"""
+) -> float | None:
+    """Cheap feasibility: does any allowed shape fit with its least-memory settings (full AC, smallest batch)?
+
+    None when none does; else the host bytes per device it needs (0 without CPU offload, which is tried first).
+    """
     modes = [pins.activation_checkpointing] if pins.activation_checkpointing else ["full"]
     offloads = [pins.cpu_offload] if pins.cpu_offload is not None else [False, True]
-    for replicate, shard, tp in layout_shapes(model, cluster):
-        if not _shape_matches((replicate, shard, tp), pins):
-            continue
-        sizes = micro_batch_sizes(train.global_batch_size, replicate * shard, pins.micro_batch_size)
-        if not sizes:
-            continue
-        for offload in offloads:
-            if offload and not can_offload(replicate, shard, coeffs):
+    for offload in offloads:  # every shape without offload before any with it
+        for replicate, shard, tp in layout_shapes(model, cluster):
+            sizes = micro_batch_sizes(train.global_batch_size, replicate * shard, pins.micro_batch_size)
+            if not _shape_matches((replicate, shard, tp), pins) or not sizes or (
+                    offload and not can_offload(replicate, shard, coeffs)):
                 continue
             memory = estimate_memory(model, train, Layout(replicate, shard, tp, modes[0], offload), sizes[0], coeffs)
             if memory.total <= usable and memory.host_bytes <= coeffs.host_memory_per_device_bytes:
-                return True
-    return False
+                return memory.host_bytes
+    return None
 
 
 def smallest_fitting_cluster(
@@ -361,13 +361,23 @@ def smallest_fitting_cluster(
 
     Beyond ``global batch × largest tp`` devices no micro-batch divides the batch, which bounds the search.
     """
+    found = smallest_fitting_cluster_and_host(model, cluster, train, pins, memory_fraction, coeffs)
+    return found[0] if found else None
+
+
+def smallest_fitting_cluster_and_host(
+    model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins | None = None,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION, coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
+) -> tuple[ClusterSpec, float] | None:
+    """``smallest_fitting_cluster`` and the host bytes per device its cheapest fit needs (0: no CPU offload)."""
     pins = pins or PlanPins()
     usable = memory_fraction * cluster.device_memory_bytes
     max_devices = train.global_batch_size * cluster.devices_per_node
     for nodes in range(cluster.nodes + 1, max(cluster.nodes, math.ceil(max_devices / cluster.devices_per_node)) + 1):
         candidate = replace(cluster, nodes=nodes)
-        if fits_somewhere(model, candidate, train, pins, usable, coeffs):
-            return candidate
+        host = fits_somewhere(model, candidate, train, pins, usable, coeffs)
+        if host is not None:
+            return candidate, host
     return None
 
 
@@ -379,7 +389,7 @@ def _nothing_fits_message(
     whole = [r for r in rejected if r.needed_bytes is not None and not r.partial]
     closest = min(whole, key=lambda r: r.needed_bytes or 0.0, default=rejected[0] if rejected else None)
     why = f" The closest: {closest.description} {closest.reason}." if closest else ""
-    head = (f"no parallel layout of {model.name} ({model.total_params / 1e9:.1f} B parameters) fits on "
+    head = (f"no parallel layout of {model.name} ({readable_count(model.total_params)} parameters) fits on "
             f"{cluster.describe()} with {train.describe()}, pins: {pins.describe()}.{why}")
     advice = []
     if pins != PlanPins():
@@ -388,13 +398,16 @@ def _nothing_fits_message(
             advice.append(f"Without the pins this cluster fits: {free.describe()}.")
         except PlanError:
             pass
-    bigger = smallest_fitting_cluster(model, cluster, train, pins, memory_fraction, coeffs)
+    found = smallest_fitting_cluster_and_host(model, cluster, train, pins, memory_fraction, coeffs)
+    bigger, host = found if found else (None, 0.0)
     with_pins = " with these pins" if pins != PlanPins() else ""
     if bigger is None:
         advice.append(f"No cluster of {cluster.accelerator} devices fits it{with_pins} at global batch "
                       f"{train.global_batch_size}: shorten the sequence, enlarge the global batch, or use larger "
                       "devices.")
     else:
+        offload = (f", with CPU offload (host memory {host / GiB:.1f} GiB per device, "
+                   f"{host * bigger.devices_per_node / GiB:.1f} GiB per node)" if host else "")
         advice.append(f"The smallest cluster of {cluster.accelerator} on which it fits{with_pins}: {bigger.nodes} "
-                      f"nodes × {bigger.devices_per_node} = {bigger.world_size} devices.")
+                      f"nodes × {bigger.devices_per_node} = {bigger.world_size} devices{offload}.")
     return " ".join([head, *advice]), bigger

@@ -6,12 +6,19 @@ without touching a GPU or building the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
-from llama_ft.parallel.planning.units import GIGA, TERA, GiB
+from llama_ft.parallel.planning.units import GIGA, TERA, GiB, readable_count
+
+# Share of a NIC's line rate ring collectives reach: 400 Gb/s InfiniBand gives ~45 GB/s of nccl-tests bus bandwidth.
+NIC_EFFICIENCY = 0.9
+# Model presets shipped as package data (LlamaConfig JSON), read here without transformers.
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,20 @@ class ModelSpec:
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             name=name or getattr(config, "name_or_path", None) or "llama",
         )
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path) -> ModelSpec:
+        """A preset name (``llama-3-8b``) or a LlamaConfig JSON file, read as JSON: no transformers import."""
+        path = PRESETS_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            path = Path(name_or_path)
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+            raise ConfigError(f"model {name_or_path!r} is neither a preset ({known}) nor a config JSON file.")
+        data = json.loads(path.read_text())
+        if data.get("model_type") != "llama":
+            raise ConfigError(f"{path} describes a {data.get('model_type')!r} model; the planner models Llama only.")
+        return cls.from_llama_config(_Attributes(data), name=path.stem)
 
     # --- dimensions the cost model reads -------------------------------------------------------------------
     @property
@@ -132,10 +153,20 @@ class ModelSpec:
     def describe(self) -> str:
         tied = ", tied embeddings" if self.tied_embeddings else ""
         return (
-            f"{self.name}: {self.total_params / 1e9:.2f} B parameters, {self.num_layers} layers, hidden "
+            f"{self.name}: {readable_count(self.total_params)} parameters, {self.num_layers} layers, hidden "
             f"{self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} KV heads, intermediate "
             f"{self.intermediate_size}, vocab {self.vocab_size}{tied}"
         )
+
+
+class _Attributes:
+    """A config dict read as attributes (missing keys are None), as ``from_llama_config`` reads a LlamaConfig."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, key: str) -> Any:
+        return self._data.get(key)
 
 
 @dataclass(frozen=True)
@@ -150,6 +181,7 @@ class ClusterSpec:
     inter_node_bandwidth: float
     accelerator: str = "custom"
     memory_bandwidth: float = 0.0  # 0 means "unknown": derived from peak_flops below
+    matmul_efficiency: float = 0.45  # achievable share of peak for wide models (``accelerators.MATMUL_EFFICIENCY``)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.devices_per_node < 1:
@@ -186,7 +218,23 @@ class ClusterSpec:
             inter_node_bandwidth=acc.inter_node_bandwidth,
             accelerator=acc.name,
             memory_bandwidth=acc.memory_bandwidth,
+            matmul_efficiency=acc.matmul_efficiency,
         )
+
+    @property
+    def node_network_bandwidth(self) -> float:
+        """Bytes/s one node injects into the network: the per-device NIC share times the devices of a node."""
+        return self.inter_node_bandwidth * self.devices_per_node
+
+    def with_node_network(self, node_gbps: float) -> ClusterSpec:
+        """This cluster with ``node_gbps`` gigabits/s of NICs per node (e.g. 8 × 400 = 3200), shared by its devices.
+
+        Ring collectives reach about ``NIC_EFFICIENCY`` of the line rate (nccl-tests bus bandwidth over InfiniBand).
+        """
+        if node_gbps <= 0:
+            raise ConfigError(f"inter-node bandwidth must be > 0 Gb/s per node, got {node_gbps}.")
+        per_device = node_gbps / 8 * GIGA * NIC_EFFICIENCY / self.devices_per_node
+        return replace(self, inter_node_bandwidth=per_device)
 
     @classmethod
     def describe_device(
@@ -225,11 +273,13 @@ class ClusterSpec:
 
     def describe(self) -> str:
         nodes = f"{self.nodes} node{'s' if self.nodes > 1 else ''}"
+        across = (f"{self.node_network_bandwidth / GIGA:.0f} GB/s per node across nodes "
+                  f"({self.inter_node_bandwidth / GIGA:.0f} per device)" if self.nodes > 1 else "one node")
         return (
-            f"{nodes} × {self.devices_per_node} {self.accelerator} ({self.world_size} devices; "
+            f"{nodes} × {self.devices_per_node} {self.accelerator} ({self.world_size} "
+            f"device{'s' if self.world_size > 1 else ''}; "
             f"{self.device_memory_bytes / GiB:.1f} GiB, {self.peak_flops / TERA:.0f} TFLOP/s bf16 each; links "
-            f"{self.intra_node_bandwidth / GIGA:.0f} GB/s in a node, {self.inter_node_bandwidth / GIGA:.0f} GB/s "
-            f"across nodes)"
+            f"{self.intra_node_bandwidth / GIGA:.0f} GB/s in a node, {across})"
         )
 
 
@@ -298,23 +348,44 @@ class TrainSpec:
     global_batch_size: int
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
+    # Real (non-padding) tokens per row after batching; None means full rows (packed data, or unknown).
+    mean_tokens_per_row: float | None = None
+    # True when every row is padded to seq_len (compute runs on full rows however few tokens are real).
+    pads_to_max: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.global_batch_size < 1:
             raise ConfigError(
                 f"sequence length ({self.seq_len}) and global batch size ({self.global_batch_size}) must be >= 1."
             )
+        if self.mean_tokens_per_row is not None and not 0 < self.mean_tokens_per_row <= self.seq_len:
+            raise ConfigError(f"mean_tokens_per_row={self.mean_tokens_per_row} must be in (0, seq_len="
+                              f"{self.seq_len}].")
         object.__setattr__(self, "precision", normalize_precision(self.precision))
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not modelled; the planner knows {list(OPTIMIZERS)}.")
         object.__setattr__(self, "optimizer", self.optimizer.lower())
 
     @property
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.global_batch_size
+    def real_tokens_per_row(self) -> float:
+        return self.mean_tokens_per_row or float(self.seq_len)
+
+    @property
+    def computed_tokens_per_row(self) -> float:
+        """Tokens the model runs per row: full rows when padded to the maximum, else the real ones."""
+        return float(self.seq_len) if self.pads_to_max else self.real_tokens_per_row
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Real tokens per optimizer step: what tokens/s counts (padding never does)."""
+        return self.real_tokens_per_row * self.global_batch_size
 
     def describe(self) -> str:
+        rows = ""
+        if self.mean_tokens_per_row is not None:
+            padded = ", rows padded to the maximum" if self.pads_to_max else ""
+            rows = f", {self.mean_tokens_per_row:,.0f} real tokens per row on average{padded}"
         return (
-            f"sequence {self.seq_len}, global batch {self.global_batch_size} sequences "
-            f"({self.tokens_per_step:,} tokens/step), {self.precision}, {self.optimizer}"
+            f"sequence {self.seq_len}{rows}, global batch {self.global_batch_size} sequences "
+            f"({self.tokens_per_step:,.0f} tokens/step), {self.precision}, {self.optimizer}"
         )

@@ -1,9 +1,10 @@
 """Predicted seconds per optimizer step of one layout, to rank the layouts that fit against each other.
 
-Compute runs at an efficiency that grows with the micro-batch's tokens; collectives follow ring all-gather /
-all-reduce costs over the link their process group spans, and hide behind compute except for a small share;
-the optimizer step is memory-bound, and CPU offload adds PCIe traffic and host AdamW. The ranking matters more than
-the absolute number: the planner picks among near-ties by simplicity.
+Compute runs at the accelerator's calibrated matmul efficiency, lower for narrow layers and small micro-batches, on the
+tokens rows really hold after batching; collectives follow ring all-gather / all-reduce costs over the link their
+process group spans (a ring over whole nodes uses every NIC of each node) and hide behind compute except for a small
+share; the optimizer step is memory-bound, and CPU offload adds PCIe traffic and host AdamW. Calibrated against
+published GPU runs: benchmarks/results/planner_vs_published.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class StepTime:
         return self.compute_s + self.exposed_communication_s + self.optimizer_s + self.offload_s + self.overhead_s
 
 
-def flops_per_token(model: ModelSpec, seq_len: int) -> float:
+def flops_per_token(model: ModelSpec, seq_len: float) -> float:
     """PaLM's count: 6 FLOPs per matmul weight per token (2 forward, 4 backward) plus 12·L·h·s for attention."""
     return 6 * model.matmul_params + 12 * model.num_layers * model.q_dim * seq_len
 
@@ -54,25 +55,39 @@ def recompute_factor(layout: Layout, coeffs: CostCoefficients) -> float:
     return 1.0
 
 
-def achieved_flops(cluster: ClusterSpec, prec: PrecisionProfile, tokens: int, coeffs: CostCoefficients) -> float:
-    """Small micro-batches make thin matmuls; efficiency saturates as tokens per micro-batch grow."""
+def matmul_efficiency(model: ModelSpec, cluster: ClusterSpec, tp: int, tokens: float,
+                      coeffs: CostCoefficients) -> float:
+    """Achieved share of peak: the accelerator's large-model efficiency, lower for narrow layers and for micro-batches
+    of few tokens (thin matmuls, launch-bound kernels). TP divides one of each weight's two dimensions, so the
+    width a rank's matmuls behave like is the geometric mean: hidden / sqrt(tp)."""
+    width = model.hidden_size / math.sqrt(tp)
+    width_factor = width / (width + coeffs.half_efficiency_width)
     size_factor = tokens / (tokens + coeffs.half_efficiency_tokens)
-    return cluster.peak_flops * prec.flops_fraction * coeffs.matmul_efficiency * size_factor
+    return cluster.matmul_efficiency * width_factor * size_factor
 
 
 def group_link(cluster: ClusterSpec, size: int, stride: int, coeffs: CostCoefficients) -> tuple[float, float]:
-    """(bandwidth, per-step latency) of a process group of ``size`` ranks ``stride`` apart: in-node or not."""
+    """(bandwidth, per-step latency) of a process group of ``size`` ranks ``stride`` apart.
+
+    Inside a node it is NVLink. Across nodes a ring enters and leaves each node once per channel, and NCCL runs one
+    channel per NIC, so a group with ``m`` members on each node uses ``m`` NICs of every node (a ring over all GPUs of
+    each node: the whole node's bandwidth; an HSDP replica group, one member per node: one GPU's share) — capped by
+    NVLink, which carries the in-node hops.
+    """
     if size * stride <= cluster.devices_per_node:
         return cluster.intra_node_bandwidth, coeffs.intra_node_latency_s
-    return cluster.inter_node_bandwidth, coeffs.inter_node_latency_s
+    members_per_node = max(1, min(size, cluster.devices_per_node // stride))
+    bandwidth = min(cluster.intra_node_bandwidth, cluster.inter_node_bandwidth * members_per_node)
+    return bandwidth, coeffs.inter_node_latency_s
 
 
 def ring_all_gather_s(nbytes: float, ranks: int, link: tuple[float, float], collectives: int = 1) -> float:
-    """Ring all-gather/reduce-scatter moves (N-1)/N of the full buffer through each device's link."""
+    """Ring all-gather/reduce-scatter moves (N-1)/N of the full buffer through each device's link, in N-1 steps
+    that each pay the link's latency: on thousands of ranks the steps, not the bytes, bound small per-layer shards."""
     if ranks <= 1:
         return 0.0
     bandwidth, latency = link
-    return (ranks - 1) / ranks * nbytes / bandwidth + collectives * latency * (1 + math.log2(ranks))
+    return (ranks - 1) / ranks * nbytes / bandwidth + collectives * latency * (ranks - 1)
 
 
 def ring_all_reduce_s(nbytes: float, ranks: int, link: tuple[float, float], collectives: int = 1) -> float:
@@ -116,7 +131,7 @@ def ddp_step_comm_s(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prec
     return ring_all_reduce_s(nbytes, layout.dp_replicate, link, buckets)
 
 
-def tp_microbatch_comm_s(model: ModelSpec, cluster: ClusterSpec, layout: Layout, micro_batch: int, seq_len: int,
+def tp_microbatch_comm_s(model: ModelSpec, cluster: ClusterSpec, layout: Layout, micro_batch: int, seq_len: float,
                          prec: PrecisionProfile, coeffs: CostCoefficients) -> float:
     """TP all-reduces b·s·h activations 4× per layer per micro-batch (2 forward, 2 backward; +2 when full
     recompute re-runs the forward), plus the embedding's and lm_head's; on the critical path, so exposed."""
@@ -157,10 +172,11 @@ def estimate_step_time(
 ) -> StepTime:
     """Predicted seconds per optimizer step: compute + communication not hidden + optimizer + offload + overhead."""
     prec = precision_profile(train.precision, coeffs)
-    tokens = micro_batch * train.seq_len
+    row = train.computed_tokens_per_row
+    tokens = micro_batch * row
     factor = recompute_factor(layout, coeffs)
-    mb_compute = tokens * flops_per_token(model, train.seq_len) * factor / layout.tp / achieved_flops(
-        cluster, prec, tokens, coeffs)
+    flops = cluster.peak_flops * prec.flops_fraction * matmul_efficiency(model, cluster, layout.tp, tokens, coeffs)
+    mb_compute = tokens * flops_per_token(model, row) * factor / layout.tp / flops
     forward = mb_compute / (3 * factor)  # the forward's 2 of 6 FLOPs per weight
     backward = mb_compute - forward
 
@@ -169,7 +185,7 @@ def estimate_step_time(
         fwd_comm, bwd_comm, first = fsdp_microbatch_comm_s(model, cluster, layout, prec, coeffs)
         mb_comm += fwd_comm + bwd_comm
         mb_exposed += overlapped(fwd_comm, forward, coeffs) + overlapped(bwd_comm, backward, coeffs) + first
-    tp_comm = tp_microbatch_comm_s(model, cluster, layout, micro_batch, train.seq_len, prec, coeffs)
+    tp_comm = tp_microbatch_comm_s(model, cluster, layout, micro_batch, row, prec, coeffs)
     mb_comm += tp_comm
     mb_exposed += tp_comm
 
@@ -190,6 +206,6 @@ def estimate_step_time(
 
 
 def model_flops_per_step(model: ModelSpec, train: TrainSpec) -> float:
-    """Useful FLOPs of one optimizer step (no recompute), the numerator of MFU."""
-    return train.tokens_per_step * flops_per_token(model, train.seq_len)
+    """Useful FLOPs of one optimizer step (real tokens, no recompute), the numerator of MFU."""
+    return train.tokens_per_step * flops_per_token(model, train.real_tokens_per_row)
 

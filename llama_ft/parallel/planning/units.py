@@ -10,3 +10,11 @@ GiB = 1024**3
 MiB = 1024**2
 TERA = 1e12
 GIGA = 1e9
+
+
+def readable_count(n: float) -> str:
+    """A parameter count people read at a glance: 8.03 B, 4.2 M, 12.3 K."""
+    for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {suffix}"
+    return f"{n:.0f}"
