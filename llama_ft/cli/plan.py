@@ -21,7 +21,7 @@ from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import accelerator_names
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
-from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
+from llama_ft.parallel.planning.specs import ClusterSpec, LoraSpec, ModelSpec, TrainSpec, normalize_precision
 from llama_ft.presets import resolve_llama_config
 
 DESCRIPTION = "Predict memory and speed of every parallel layout for a recipe on a cluster, and pick one."
@@ -95,9 +95,11 @@ def resolve_model(config: Namespace) -> tuple[ModelSpec, LlamaConfig]:
 
 def resolve_train(config: Namespace) -> TrainSpec:
     precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
+    lora = config.model.get("lora")  # a Namespace of LoraSettings' fields, or None (full fine-tuning)
     return TrainSpec(config.seq_len or config.data.max_length,
                      config.global_batch_size or config.data.global_batch_size,
-                     normalize_precision(str(precision)))
+                     normalize_precision(str(precision)),
+                     lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout))
 
 
 def _devices(value: Any) -> int | None:
