@@ -10,9 +10,10 @@ alike. Checkpoint size: ``torch.save`` of what ``fit`` keeps after two steps —
 for LoRA on a pretrained base the adapters and their optimizer state (the base is referenced by name).
 
 Part 2 (predicted, no GPU): ``plan_parallelism`` for the recipe's shape (sequence 1024, global batch 256,
-bf16-mixed) on H100 80 GB nodes, LoRA rank 64 on q_proj/v_proj (``configs/llama3_8b_cnn_dailymail_lora.yaml``)
-against full fine-tuning: the chosen layout, its predicted peak per device and tokens/s, and on a fixed layout
-(FSDP over the node, full checkpointing, micro-batch 1) the predicted peak of both.
+bf16-mixed) on H100 80 GB nodes, LoRA rank 64 on q_proj/v_proj with dropout 0.05
+(``configs/llama3_8b_cnn_dailymail_lora.yaml``) against full fine-tuning: the chosen layout, its predicted peak per
+device and tokens/s, and on a fixed layout (FSDP over the node, full checkpointing, micro-batch 1) the predicted peak
+of both.
 
 Prints the tables; ``--write`` also writes them to ``benchmarks/results/lora.md``.
 Run: ``.venv/bin/python benchmarks/lora.py [--write]``.
@@ -106,7 +107,7 @@ def predict() -> list[dict]:
     for name, devices in CLUSTERS:
         spec = ModelSpec.from_llama_config(load_llama_config(name), name=name)
         cluster = ClusterSpec.from_accelerator("h100-80gb", 1, devices)
-        for lora in (None, LoraSpec(64)):
+        for lora in (None, LoraSpec(64, dropout=0.05)):
             train = TrainSpec(1024, 256, "bf16-mixed", lora=lora)
             chosen = plan_parallelism(spec, cluster, train).chosen
             fixed = estimate_memory(spec, train, Layout(dp_shard=devices, activation_checkpointing="full"), 1)
@@ -138,8 +139,8 @@ def render(measured: list[dict], predicted: list[dict]) -> str:
     lines += [
         "",
         "Predicted by the planner (no GPU): sequence 1024, global batch 256, bf16-mixed, H100 80 GB, LoRA r 64 on "
-        "q_proj/v_proj (the LoRA recipe) against full fine-tuning. Peak = predicted per-device memory with the "
-        "allowance; fixed layout = FSDP over all devices, full checkpointing, micro-batch 1.",
+        "q_proj/v_proj, dropout 0.05 (the LoRA recipe) against full fine-tuning. Peak = predicted per-device memory "
+        "with the allowance; fixed layout = FSDP over all devices, full checkpointing, micro-batch 1.",
         "",
         "| model | devices | training | chosen plan | peak GiB | tokens/s/device | fixed-layout GiB | × full |",
         "|---|---:|---|---|---:|---:|---:|---:|",

@@ -178,7 +178,11 @@ class LlamaFineTuner(L.LightningModule):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         non_embedding = self._parameter_count() - c.vocab_size * c.hidden_size
         attention = 12.0 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
-        return (6.0 * non_embedding + attention) * tokens
+        weights = 6.0 * non_embedding
+        if self.lora is not None:  # a frozen weight computes no gradient of its own: 4 FLOPs, not 6
+            adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            weights = 4.0 * (non_embedding - adapters) + 6.0 * adapters
+        return (weights + attention) * tokens
 
     def _parameter_count(self) -> int:
         """Unsharded parameter count (sharded DTensors report their global shape)."""
