@@ -5,7 +5,9 @@ the whole world, plus a few HSDP and FSDP × TP rows; Llama-3-70B on a smaller g
 planner's predicted peak per rank next to the peak
 :func:`~llama_ft.parallel.planning.simulate.simulate_peak_memory` measures, and the error in percent; the target is
 every row within ±10 %. With ``--write`` the default grid's table also goes to
-``benchmarks/results/planner_accuracy.md`` (``--quick`` and ``--models`` runs only ever print theirs).
+``benchmarks/results/planner_accuracy.md`` (``--quick`` and ``--models`` runs only ever print theirs). ``--lora`` runs
+the LoRA grid instead (peft adapters on a frozen base, ``LORA_ROWS``); with ``--write`` it replaces only the LoRA
+section of that file.
 
 The prediction compared is the cost model's peak *without* its allowance (workspace + fragmentation): the simulation
 counts tensors only, so it has no allocator fragmentation and no cuBLAS/NCCL workspaces. The planner still adds the
@@ -15,8 +17,8 @@ Simulations are cached as JSON under ``benchmarks/results/cache/`` (keyed by mod
 sequence, precision and the torch/transformers versions), so a rerun after a cost-model change takes seconds; a
 fresh run takes about 15-25 minutes on 2 cores (``--quick``: a few minutes).
 
-Run: ``.venv/bin/python benchmarks/planner_accuracy.py [--models llama-3-8b ...] [--quick] [--jobs 2] [--refresh]
-[--write]``.
+Run: ``.venv/bin/python benchmarks/planner_accuracy.py [--models llama-3-8b ...] [--quick] [--lora] [--jobs 2]
+[--refresh] [--write]``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import transformers
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.memory import MemoryBreakdown, estimate_memory
 from llama_ft.parallel.planning.simulate import SimulationResult, simulate_peak_memory
-from llama_ft.parallel.planning.specs import ModelSpec, TrainSpec
+from llama_ft.parallel.planning.specs import LoraSpec, ModelSpec, TrainSpec
 from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
@@ -63,6 +65,24 @@ class Case:
     layout: Layout
     micro_batch: int
     seq_len: int
+    lora: LoraSpec | None = None
+
+
+# LoRA as the recipe runs it (q_proj, v_proj, rank 64), with and without adapter dropout: one GPU, FSDP, HSDP.
+_QV64 = LoraSpec(64)
+LORA_ROWS = (
+    Case("llama-3-8b", Layout(activation_checkpointing="none"), 1, 1024, _QV64),
+    Case("llama-3-8b", Layout(activation_checkpointing="full"), 1, 1024, _QV64),
+    Case("llama-3-8b", Layout(dp_shard=8, activation_checkpointing="none"), 1, 1024, _QV64),
+    Case("llama-3-8b", Layout(dp_shard=8, activation_checkpointing="none"), 1, 1024, LoraSpec(64, dropout=0.05)),
+    Case("llama-3-8b", Layout(dp_shard=8, activation_checkpointing="selective"), 1, 1024, _QV64),
+    Case("llama-3-8b", Layout(dp_shard=8, activation_checkpointing="full"), 2, 1024, _QV64),
+    Case("llama-3-8b", Layout(dp_shard=8, activation_checkpointing="full"), 1, 4096, _QV64),
+    Case("llama-3-8b", Layout(dp_replicate=2, dp_shard=4, activation_checkpointing="none"), 1, 1024, _QV64),
+    Case("llama-3.2-1b", Layout(dp_shard=8, activation_checkpointing="none"), 2, 1024,
+         LoraSpec(8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
+    Case("llama-3-70b", Layout(dp_shard=8, activation_checkpointing="full"), 1, 1024, _QV64),
+)
 
 
 def fsdp_rows(model: str, quick: bool) -> list[Case]:
@@ -116,9 +136,13 @@ def cache_path(case: Case) -> Path:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    if case.lora is not None:  # only LoRA rows carry the key: the full fine-tuning rows keep their cache files
+        key["lora"] = asdict(case.lora)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     lay = case.layout
     shape = f"r{lay.dp_replicate}s{lay.dp_shard}t{lay.tp}-{lay.activation_checkpointing}"
+    if case.lora is not None:
+        shape += f"-lora{case.lora.rank}"
     return CACHE / f"{case.model}-{shape}-b{case.micro_batch}-s{case.seq_len}-{digest}.json"
 
 
@@ -128,6 +152,7 @@ def load_cached(case: Case) -> SimulationResult | None:
         return None
     data = json.loads(path.read_text())
     data["layout"] = Layout(**data["layout"])
+    data.pop("lora", None)
     return SimulationResult(**data)
 
 
@@ -137,7 +162,7 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
     if cached is not None:
         return cached
     result = simulate_peak_memory(case.model, case.layout, case.micro_batch, case.seq_len, precision=PRECISION,
-                                  timeout_s=TIMEOUT_S)
+                                  lora=case.lora, timeout_s=TIMEOUT_S)
     CACHE.mkdir(parents=True, exist_ok=True)
     cache_path(case).write_text(json.dumps({**asdict(result), "layout": asdict(case.layout)}, indent=1))
     print(f"  simulated {result.describe()}", file=sys.stderr, flush=True)
@@ -152,7 +177,7 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
 def predict(case: Case) -> MemoryBreakdown:
     """The cost model's peak for the same model, layout and micro-batch, one micro-batch per step as simulated."""
     spec = ModelSpec.from_llama_config(load_llama_config(case.model), name=case.model)
-    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION)
+    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION, lora=case.lora)
     return estimate_memory(spec, train, case.layout, case.micro_batch)
 
 
@@ -162,6 +187,14 @@ def row(case: Case, result: SimulationResult) -> tuple[str, float]:
     error = memory.tensors / result.peak_bytes - 1
     mark = "" if abs(error) <= TOLERANCE else " ⚠"
     lay = case.layout
+    if case.lora is not None:
+        lora = case.lora
+        targets = "q,v" if lora.target_modules == ("q_proj", "v_proj") else "all"
+        dropout = f", dropout {lora.dropout}" if lora.dropout else ""
+        return (f"| {case.model} | r{lora.rank} {targets}{dropout} | {lay.world_size} | "
+                f"{lay.describe().replace(' × TP 1', '')} | {case.seq_len} | {case.micro_batch} | "
+                f"{memory.tensors / GiB:.2f} | {result.peak_bytes / GiB:.2f} | {error:+.1%}{mark} | {memory.phase} |",
+                error)
     return (f"| {case.model} | {lay.world_size} | {lay.describe().replace(' × TP 1', '')} | {case.seq_len} | "
             f"{case.micro_batch} | {memory.tensors / GiB:.2f} | {result.peak_bytes / GiB:.2f} | {error:+.1%}{mark} | "
             f"{memory.phase} |", error)
@@ -170,6 +203,9 @@ def row(case: Case, result: SimulationResult) -> tuple[str, float]:
 def table(cases: list[Case], results: list[SimulationResult]) -> tuple[str, list[float]]:
     rows = ["| model | world | layout | seq | micro-batch | predicted GiB | simulated GiB | error | peak (predicted) |",
             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    if cases and cases[0].lora is not None:
+        rows = ["| model | LoRA | world | layout | seq | micro-batch | predicted GiB | simulated GiB | error | "
+                "peak (predicted) |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     errors = []
     for case, result in zip(cases, results, strict=True):
         line, error = row(case, result)
@@ -206,6 +242,23 @@ DDP, gradient accumulation, bf16-true and 32-true) are checked in `tests/paralle
 
 """
 
+LORA_MARKER = "\n## LoRA\n"
+LORA_HEADER = """
+## LoRA
+
+The same comparison with peft's LoRA adapters injected as `fit` injects them (frozen base stored and gathered like
+full fine-tuning's weights, no base gradients or optimizer states, only the adapters in AdamW), predicted by
+`llama_ft/parallel/planning/lora_memory.py`. Written by `--lora --write`, which replaces only this section.
+
+"""
+
+
+def write_lora_section(text: str) -> None:
+    """Replace (or add) the LoRA section at the end of the results file, leaving the rest as it is."""
+    current = RESULT.read_text() if RESULT.is_file() else ""
+    kept = current.split(LORA_MARKER)[0].rstrip("\n") + "\n"
+    RESULT.write_text(kept + LORA_HEADER + text + "\n")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -214,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="simulations run at once, each a single-threaded process (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true", help="ignore the cache and simulate every row again")
+    parser.add_argument("--lora", action="store_true", help="the LoRA grid (LORA_ROWS) instead of the default one")
     parser.add_argument("--write", action="store_true",
                         help="also write the table to benchmarks/results/planner_accuracy.md (default grid only; "
                              "default: print only)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    cases = grid(args.models, args.quick)
+    cases = list(LORA_ROWS) if args.lora else grid(args.models, args.quick)
     missing = sum(1 for c in cases if args.refresh or load_cached(c) is None)
     print(f"{len(cases)} rows, {missing} to simulate", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -231,10 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(footer)
     partial = args.quick or args.models != list(MODELS)
-    if args.write and partial:  # a partial grid must not replace the committed table
+    if args.write and args.lora:
+        write_lora_section(text + "\n\n" + footer)
+    elif args.write and partial:  # a partial grid must not replace the committed table
         print(f"(a partial grid: {RESULT.relative_to(RESULTS.parent.parent)} left as it was)", file=sys.stderr)
-    elif args.write:
-        RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n")
+    elif args.write:  # the LoRA section, if any, stays
+        lora = RESULT.read_text().partition(LORA_MARKER)[2] if RESULT.is_file() else ""
+        RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n"
+                          + (LORA_MARKER + lora if lora else ""))
     return 0 if all(abs(e) <= TOLERANCE for e in errors) else 1
 
 

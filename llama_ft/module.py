@@ -9,12 +9,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity, ROUGEScore
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
+from llama_ft.checkpoint.huggingface import full_state_dict, load_full_weights, save_hf_directory
 from llama_ft.errors import ConfigError
+from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key, merged_model
 from llama_ft.presets import resolve_llama_config
 
 LrSchedule = Literal["constant", "cosine"]
@@ -25,7 +27,7 @@ def _on_meta_device() -> bool:
     return torch.get_default_device().type == "meta"
 
 
-def _resolve_local_checkpoint(name_or_path: str) -> Path:
+def resolve_local_checkpoint(name_or_path: str) -> Path:
     """A local directory as is; a hub id through the Hub cache (downloads when online)."""
     if Path(name_or_path).expanduser().is_dir():
         return Path(name_or_path).expanduser()
@@ -59,6 +61,9 @@ class LlamaFineTuner(L.LightningModule):
         max_new_tokens: bound on generated summary length in test/predict.
         attn_implementation: Hugging Face attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
         hf_export_dir: where ``fit`` writes the Hugging Face directory; default ``<log dir>/hf_model``.
+        lora: LoRA adapters (``llama_ft.lora.LoraSettings``: r, alpha, dropout, target_modules); None trains every
+            weight. With LoRA the base is frozen, only the adapters are optimized, checkpoints of a pretrained base
+            hold only the adapters (``model_name_or_path`` names the base) and the exported model is merged.
     """
 
     def __init__(
@@ -74,13 +79,18 @@ class LlamaFineTuner(L.LightningModule):
         max_new_tokens: int = 128,
         attn_implementation: str = "sdpa",
         hf_export_dir: str | None = None,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         if model_config is None and model_name_or_path is None:
             raise ConfigError("set model.model_config (a preset or JSON) and/or model.model_name_or_path (weights).")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'.")
+        self.lora = LoraSettings.parse(lora)
         self.save_hyperparameters()
+        self.hparams.lora = self.lora.as_dict() if self.lora else None  # plain values: checkpoints load weights-only
+        # A LoRA checkpoint of a pretrained base holds only the adapters; the base comes from model_name_or_path.
+        self.strict_loading = self.lora is None
         self.llama_config = resolve_llama_config(model_config, model_name_or_path)
         self.llama_config._attn_implementation = attn_implementation
         self.model: LlamaForCausalLM | None = None
@@ -108,13 +118,28 @@ class LlamaFineTuner(L.LightningModule):
             self.model = LlamaForCausalLM(self.llama_config)  # shapes only; initialize_weights fills it later
         elif self.hparams.model_name_or_path is not None:
             self.model = LlamaForCausalLM.from_pretrained(
-                _resolve_local_checkpoint(self.hparams.model_name_or_path),
+                resolve_local_checkpoint(self.hparams.model_name_or_path),
                 config=self.llama_config,
                 dtype=torch.get_default_dtype(),
             ).train()
         else:
             self.model = LlamaForCausalLM(self.llama_config)
         self.model.config.use_cache = False
+        if self.lora is not None:
+            inject_lora(self.model, self.lora)
+            if not _on_meta_device():
+                self._load_initial_adapters()
+
+    def _load_initial_adapters(self) -> None:
+        """The same first adapter values on every layout (``llama_ft.lora.initial_adapter_state``)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = initial_adapter_state(self.model)
+        if not any(isinstance(p, DTensor) for p in self.model.parameters()):
+            self.model.load_state_dict(state, strict=False)
+            return
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(self.model, state if torch.distributed.get_rank() == 0 else {}, options=options)
 
     def initialize_weights(self) -> None:
         """Fill a model that was built on the meta device and then materialized (and maybe sharded).
@@ -124,7 +149,8 @@ class LlamaFineTuner(L.LightningModule):
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:
-            load_full_weights(self.model, _resolve_local_checkpoint(self.hparams.model_name_or_path))
+            load_full_weights(self.model, resolve_local_checkpoint(self.hparams.model_name_or_path),
+                              key_map=base_key_map(self.model))
         else:
             for module in self.model.modules():
                 module.__dict__.pop("_is_hf_initialized", None)
@@ -132,6 +158,8 @@ class LlamaFineTuner(L.LightningModule):
                     tensor.__dict__.pop("_is_hf_initialized", None)
             self.model.initialize_weights()
         self.model.tie_weights()
+        if self.lora is not None:
+            self._load_initial_adapters()
 
     # ------------------------------------------------------------------------------------------------ steps
     def _forward(self, batch: dict[str, Any]) -> Any:
@@ -150,7 +178,11 @@ class LlamaFineTuner(L.LightningModule):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         non_embedding = self._parameter_count() - c.vocab_size * c.hidden_size
         attention = 12.0 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
-        return (6.0 * non_embedding + attention) * tokens
+        weights = 6.0 * non_embedding
+        if self.lora is not None:  # a frozen weight computes no gradient of its own: 4 FLOPs, not 6
+            adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            weights = 4.0 * (non_embedding - adapters) + 6.0 * adapters
+        return (weights + attention) * tokens
 
     def _parameter_count(self) -> int:
         """Unsharded parameter count (sharded DTensors report their global shape)."""
@@ -251,5 +283,19 @@ class LlamaFineTuner(L.LightningModule):
         out = self.hparams.hf_export_dir or str(Path(log_dir) / "hf_model")
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if save_hf_directory(self.model, tokenizer, out) is not None:
+        model = self.model
+        if self.lora is not None:  # adapters merged into the base: a plain Llama checkpoint
+            state = full_state_dict(self.model)  # collective when sharded; complete on rank 0
+            if self.global_rank != 0:
+                return
+            model = merged_model(self.llama_config, state, self.lora, self.hparams.model_name_or_path)
+        if save_hf_directory(model, tokenizer, out) is not None:
             rank_zero_info(f"Hugging Face model written to {out}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA on a pretrained base, keep only what training changes: the adapters (their optimizer state is
+        all the optimizer holds) and the base's name, from which ``fit --ckpt_path`` and ``export`` reload it."""
+        if self.lora is None or self.hparams.model_name_or_path is None:
+            return
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)}
+        checkpoint["lora_base"] = self.hparams.model_name_or_path

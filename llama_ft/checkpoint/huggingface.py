@@ -7,6 +7,7 @@ scatter them, so the same functions serve a single process, DDP, FSDP2 and tenso
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -49,16 +50,21 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_full_weights(model: PreTrainedModel, directory: str | Path) -> None:
-    """Fill a materialized (possibly sharded) model with a checkpoint's weights; rank 0 reads, others receive."""
+def load_full_weights(model: PreTrainedModel, directory: str | Path, key_map: Mapping[str, str] | None = None) -> None:
+    """Fill a materialized (possibly sharded) model with a checkpoint's weights; rank 0 reads, others receive.
+
+    ``key_map`` renames checkpoint keys to the model's (LoRA keeps a wrapped projection's weight under another name).
+    """
     full = read_safetensors(directory) if _is_rank_zero() else {}
-    full = {k: v for k, v in full.items() if not k.endswith("rotary_emb.inv_freq")}
+    key_map = key_map or {}
+    full = {key_map.get(k, k): v for k, v in full.items() if not k.endswith("rotary_emb.inv_freq")}
     if model.config.tie_word_embeddings:
         full.pop("lm_head.weight", None)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
     incompatible = set_model_state_dict(model, full, options=options)
     expected_missing = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     missing = set(getattr(incompatible, "missing_keys", [])) - expected_missing
+    missing = {k for k in missing if ".lora_A." not in k and ".lora_B." not in k}  # adapters: initialized apart
     if missing:
         raise ConfigError(f"checkpoint {directory} lacks weights for {sorted(missing)[:5]}…; is it a Llama checkpoint?")
 

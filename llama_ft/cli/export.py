@@ -13,14 +13,17 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
+from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
-from llama_ft.checkpoint.huggingface import save_hf_directory
+from llama_ft.checkpoint.huggingface import read_safetensors, save_hf_directory
 from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
-from llama_ft.outputs import check_output_dir, local_sources
+from llama_ft.lora import LoraSettings, build_peft_model, to_hf_names
+from llama_ft.module import resolve_local_checkpoint
+from llama_ft.outputs import check_output_dir, local_sources, mark_output_dir
 from llama_ft.presets import resolve_llama_config
 
 DESCRIPTION = ("Turn a checkpoint that fit wrote (single file, FSDP- or TP-sharded directory) into a Hugging Face "
@@ -32,6 +35,9 @@ def add_arguments(parser: LightningArgumentParser) -> None:
     group.add_argument("--ckpt", type=str, required=True, help="checkpoint file or distributed checkpoint directory")
     group.add_argument("--out", type=str, required=True, help="directory for config.json, safetensors and tokenizer")
     group.add_argument("--tokenizer", type=str | None, help="tokenizer to ship (default: the one the run used)")
+    group.add_argument("--adapter_only", type=bool, default=False,
+                       help="LoRA runs: write the peft adapter directory (PeftModel.from_pretrained) instead of the "
+                            "merged model")
 
 
 def trained_architecture(checkpoint: LightningCheckpoint, recipe: Namespace, source: str | Path) -> LlamaConfig:
@@ -79,25 +85,55 @@ def resolve_tokenizer(
         return None, f"the run's tokenizer {name!r} cannot be loaded here ({err}); pass --tokenizer to add one"
 
 
+def lora_peft_model(checkpoint: LightningCheckpoint, weights: dict[str, torch.Tensor], config: LlamaConfig,
+                    settings: LoraSettings, source: str | Path) -> PeftModel:
+    """A LoRA run's model: the adapters from the checkpoint, the base from it too when it holds one (a random-init
+    base is saved whole), else from the base checkpoint it names (``model_name_or_path``)."""
+    base, adapters = to_hf_names(weights)
+    base_name = checkpoint.hparam("model_name_or_path")
+    if not adapters:
+        raise ConfigError(f"checkpoint {source} has LoRA hyper-parameters but no adapter weights; was it saved by fit?")
+    if not base:
+        if base_name is None:
+            raise ConfigError(f"checkpoint {source} holds only adapters and names no base (model_name_or_path).")
+        base = read_safetensors(resolve_local_checkpoint(base_name))
+    return build_peft_model(config, base, adapters, settings, base_name)
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, tokenizer: str | None = None,
-                      overwrite: bool = False) -> tuple[Path, str | None]:
+                      overwrite: bool = False, adapter_only: bool = False) -> tuple[Path, str | None]:
     """Write the Hugging Face directory; returns it and a note when no tokenizer could be included.
 
     ``recipe`` is the parsed recipe (its model and data sections). The directory is assembled beside ``out`` and
     swapped in when complete, so an interrupted export never leaves a half-written model where one was. ``out``
     must be new, empty or an earlier llama_ft output unless ``overwrite``, and never the checkpoint or tokenizer.
+    A LoRA run is written merged (``merge_and_unload``: a plain Llama directory), or with ``adapter_only`` as peft's
+    adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) for ``PeftModel.from_pretrained``.
     """
     ckpt, out = Path(ckpt), Path(out)
     sources = local_sources(ckpt, tokenizer, recipe.model.model_name_or_path, recipe.data.tokenizer)
     check_output_dir(out, "--out", sources, overwrite)
     checkpoint = read_checkpoint(ckpt)
+    settings = LoraSettings.parse(checkpoint.hparam("lora"))
+    if adapter_only and settings is None:
+        raise ConfigError(f"--adapter_only needs a LoRA run's checkpoint; {ckpt} trained every weight (drop the flag).")
     weights = hf_weights(checkpoint, ckpt)
-    model = build_model(trained_architecture(checkpoint, recipe, ckpt), weights, ckpt)
+    config = trained_architecture(checkpoint, recipe, ckpt)
     hf_tokenizer, note = resolve_tokenizer(tokenizer, checkpoint, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
-    save_hf_directory(model, hf_tokenizer, partial)
+    if settings is None:
+        save_hf_directory(build_model(config, weights, ckpt), hf_tokenizer, partial)
+    else:
+        peft_model = lora_peft_model(checkpoint, weights, config, settings, ckpt)
+        if adapter_only:
+            peft_model.save_pretrained(partial, safe_serialization=True)
+            if hf_tokenizer is not None:
+                hf_tokenizer.save_pretrained(partial)
+            mark_output_dir(partial)
+        else:
+            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial)
     publish(partial, out)
     return out, note
 
@@ -105,8 +141,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
 def run(config: Namespace, argv: list[str]) -> int:
     """Export, and say where (and whether a tokenizer could be included)."""
     out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer,
-                                   overwrite=config.overwrite)
+                                   overwrite=config.overwrite, adapter_only=config.adapter_only)
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    print(f"Hugging Face model written to {out}")
+    what = "peft adapter directory" if config.adapter_only else "Hugging Face model"
+    print(f"{what} written to {out}")
     return 0

@@ -22,7 +22,7 @@ from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import accelerator_names
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
-from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec, normalize_precision
+from llama_ft.parallel.planning.specs import ClusterSpec, LoraSpec, ModelSpec, TrainSpec, normalize_precision
 from llama_ft.presets import resolve_llama_config
 
 DESCRIPTION = "Predict memory and speed of every parallel layout for a recipe on a cluster, and pick one."
@@ -104,9 +104,11 @@ def resolve_train(config: Namespace) -> TrainSpec:
     precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
     seq_len = config.seq_len or config.data.max_length
     rows = expected_row_tokens(str(config.data.dataset), str(config.data.batching), seq_len)
+    lora = config.model.get("lora")  # a Namespace of LoraSettings' fields, or None (full fine-tuning)
     return TrainSpec(seq_len, config.global_batch_size or config.data.global_batch_size,
                      normalize_precision(str(precision)), mean_tokens_per_row=rows.mean,
-                     pads_to_max=rows.pads_to_max)
+                     pads_to_max=rows.pads_to_max,
+                     lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout))
 
 
 def _devices(value: Any) -> int | None:

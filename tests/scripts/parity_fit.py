@@ -16,6 +16,7 @@ import torch
 
 from llama_ft import AdvancedParallelStrategy, CNNDailyMailDataModule, LlamaFineTuner
 from llama_ft.checkpoint.huggingface import full_state_dict
+from llama_ft.lora import LoraSettings
 
 LAYOUTS = {
     "single": {},
@@ -23,6 +24,7 @@ LAYOUTS = {
     "fsdp": {"dp_replicate_size": 1, "dp_shard_size": 2, "tp_size": 1},
     "tp": {"dp_replicate_size": 1, "dp_shard_size": 1, "tp_size": 2},
     "fsdp_tp": {"dp_replicate_size": 1, "dp_shard_size": 2, "tp_size": 2},
+    "hsdp": {"dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 1},
 }
 
 
@@ -47,7 +49,11 @@ class NoExport(LlamaFineTuner):
 def run(name: str, ac: str, args: argparse.Namespace) -> dict | None:
     dm = CNNDailyMailDataModule(dataset=args.data, tokenizer="sample", max_length=64, global_batch_size=4,
                                 micro_batch_size=1, cache_dir=args.cache)
-    module = NoExport(model_name_or_path=args.checkpoint, learning_rate=1e-2, hf_export_dir=None)
+    lora = None
+    if args.lora_r:  # adapters start from torch.initial_seed(): the same seed in every run
+        L.seed_everything(0)
+        lora = LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    module = NoExport(model_name_or_path=args.checkpoint, learning_rate=1e-2, hf_export_dir=None, lora=lora)
     if name == "single":
         strategy, devices = "auto", 1
     else:
@@ -76,6 +82,7 @@ def main() -> None:
         parser.add_argument(flag, required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on q_proj and v_proj (0: full fine-tuning)")
     parser.add_argument("--runs", required=True, help="comma-separated layout:ac, e.g. ddp:none,fsdp:full")
     args = parser.parse_args()
     results = {}

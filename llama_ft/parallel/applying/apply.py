@@ -106,6 +106,9 @@ def apply_layout(
     """
     _check_mesh(layout, mesh)
     if layout.tp > 1:
+        if any(".lora_A." in name for name, _ in model.named_parameters()):
+            raise PlanError(f"layout {layout.describe()} uses tensor parallelism, which LoRA adapters do not support "
+                            "here; with model.lora use DDP, FSDP or HSDP (tp 1).")
         apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model, layout.activation_checkpointing)
     apply_data_parallel(model, layout, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)

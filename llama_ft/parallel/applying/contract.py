@@ -11,6 +11,8 @@ by one method call; it sets no attributes on the data module, and on the Lightni
        context so no rank ever holds the whole unsharded model;
     3. ``initialize_weights()`` — fills ``self.model`` once it is parallelized and materialized (load a checkpoint
        or run the Hugging Face initialization).
+    Optionally ``lora`` (``r``, ``target_modules``, ``dropout``; None for full fine-tuning): the planner then models
+    a frozen base with adapters and plans no tensor parallelism.
 
 ``PlannableData`` (the LightningDataModule):
     1. ``max_length`` — tokens per example, the sequence length planned for;

@@ -23,13 +23,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from llama_ft.checkpoint import atomic as checkpointing
+from llama_ft.checkpoint.partial import load_partial_distributed_checkpoint
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
 from llama_ft.parallel.applying.clipping import MeshAwarePrecision, with_mesh_aware_clipping
 from llama_ft.parallel.applying.contract import PlannableData, PlannableModule, require
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.planning.report import format_plan_report, plan_result_to_dict
-from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
+from llama_ft.parallel.planning.specs import ClusterSpec, LoraSpec, ModelSpec, TrainSpec
 
 Auto = Literal["auto"]
 PLAN_FILENAME = "plan.json"
@@ -147,12 +148,14 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         datamodule = self._datamodule()
         row_tokens = getattr(datamodule, "row_tokens", None)
         rows = row_tokens() if callable(row_tokens) else None
+        lora = getattr(self._module(), "lora", None)  # optional: LoRA settings (r, target_modules, dropout)
         return TrainSpec(
             seq_len=datamodule.max_length,
             global_batch_size=datamodule.global_batch_size,
             precision=self.precision_plugin.precision,
             mean_tokens_per_row=getattr(rows, "mean", None),
             pads_to_max=bool(getattr(rows, "pads_to_max", False)),
+            lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout),
         )
 
     def _module(self) -> PlannableModule:
@@ -203,6 +206,14 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
             materialize(model, self.root_device)
             self._module().initialize_weights()
         super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A distributed checkpoint of a LoRA run holds only the adapters (``strict_loading`` off): load the tensors
+        it has and keep the base weights ``initialize_weights`` loaded; Lightning's loader asks for every tensor."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if self.lightning_module.strict_loading or not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return load_partial_distributed_checkpoint(path, self.model, self.optimizers, weights_only)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

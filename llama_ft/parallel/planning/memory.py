@@ -373,6 +373,10 @@ def estimate_memory(
     step, plus the allowance. Gradient accumulation (``train``'s global batch over micro-batch × data-parallel
     size > 1) keeps the sharded gradients alive through every backward. With CPU offload the sharded states (and
     the optimizer step) live on the host (``host_bytes``)."""
+    if train.lora is not None:  # frozen base, trainable adapters: its own model (lora_memory.py)
+        from llama_ft.parallel.planning.lora_memory import estimate_lora_memory
+
+        return estimate_lora_memory(model, train, layout, micro_batch, coeffs)
     accumulation = train.global_batch_size // max(1, micro_batch * layout.dp_size)
     shape = StepShape(model, layout, micro_batch, train.seq_len, precision_profile(train.precision, coeffs), coeffs,
                       accumulation > 1)

@@ -160,8 +160,18 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None = None) -> 
 # =============================================================================================================
 
 
+def lora_excludes(train: TrainSpec, tp: int) -> bool:
+    """LoRA's adapter layers (peft) have no tensor-parallel plan in ``apply.py``: LoRA runs data-parallel only."""
+    return train.lora is not None and tp > 1
+
+
+LORA_TP_REASON = "LoRA adapters have no tensor-parallel plan; LoRA runs with tp 1 (DDP, FSDP or HSDP)"
+
+
 def validate_pins(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins) -> None:
     """Raise ``PlanError`` for a pinned value that no layout on this cluster can take, naming values that can."""
+    if pins.tp_size is not None and lora_excludes(train, pins.tp_size):
+        raise PlanError(f"tp_size={pins.tp_size} with model.lora: {LORA_TP_REASON}; pin tp_size 1 or leave it auto.")
     shapes = layout_shapes(model, cluster)
     if pins.tp_size is not None:
         problems = tp_problems(model, cluster, pins.tp_size) if pins.tp_size >= 1 else ["must be >= 1"]
@@ -254,6 +264,9 @@ def _evaluate(
         replicate, shard, tp = shape
         if not _shape_matches(shape, pins) or (offload and not can_offload(replicate, shard, coeffs)):
             continue
+        if lora_excludes(train, tp):
+            rejected.append(Rejection(Layout(replicate, shard, tp, cpu_offload=offload), LORA_TP_REASON))
+            continue
         sizes = micro_batch_sizes(train.global_batch_size, replicate * shard, pins.micro_batch_size)
         for mode in modes:
             layout = Layout(replicate, shard, tp, mode, offload)
@@ -344,7 +357,7 @@ def fits_somewhere(
     for offload in offloads:  # every shape without offload before any with it
         for replicate, shard, tp in layout_shapes(model, cluster):
             sizes = micro_batch_sizes(train.global_batch_size, replicate * shard, pins.micro_batch_size)
-            if not _shape_matches((replicate, shard, tp), pins) or not sizes or (
+            if not _shape_matches((replicate, shard, tp), pins) or lora_excludes(train, tp) or not sizes or (
                     offload and not can_offload(replicate, shard, coeffs)):
                 continue
             memory = estimate_memory(model, train, Layout(replicate, shard, tp, modes[0], offload), sizes[0], coeffs)

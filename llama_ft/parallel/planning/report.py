@@ -102,6 +102,7 @@ def plan_result_to_dict(result: PlanResult, max_candidates: int | None = None) -
             "optimizer": train.optimizer,
             "mean_tokens_per_row": train.mean_tokens_per_row,
             "pads_to_max": train.pads_to_max,
+            **_parameter_counts(result),
         },
         "time_model": {"modelled": True, "published_runs": PUBLISHED_ROWS, "within_20_percent": PUBLISHED_WITHIN_20,
                        "median_error": PUBLISHED_MEDIAN_ERROR},
@@ -209,6 +210,22 @@ def summarize_micro_batch_limits(rejected: tuple[Rejection, ...]) -> list[str]:
     return [f"{shape}: " + "; ".join(items) for shape, items in limits.items()]
 
 
+def _parameter_counts(result: PlanResult) -> dict[str, Any]:
+    """Trainable and frozen parameters (LoRA: the adapters train, the base is frozen), and the LoRA settings."""
+    model, lora = result.model, result.train.lora
+    trainable = lora.trainable_params(model) if lora else model.total_params
+    counts: dict[str, Any] = {"trainable_params": trainable, "frozen_params": model.total_params if lora else 0}
+    if lora:
+        counts["lora"] = {"rank": lora.rank, "target_modules": list(lora.target_modules), "dropout": lora.dropout}
+    return counts
+
+
+def _parameter_line(result: PlanResult) -> str:
+    counts = _parameter_counts(result)
+    return (f"Params:   {counts['trainable_params'] / 1e6:,.1f} M trainable, {counts['frozen_params'] / 1e6:,.1f} M "
+            "frozen")
+
+
 def format_plan_report(result: PlanResult, top: int = 10, max_rejected: int = 20) -> str:
     """The whole report as text: what was planned for, the chosen plan, the ranked table, the rejections."""
     usable = result.memory_fraction * result.cluster.device_memory_bytes
@@ -217,6 +234,7 @@ def format_plan_report(result: PlanResult, top: int = 10, max_rejected: int = 20
         f"Cluster:  {result.cluster.describe()}",
         f"          usable memory {_gib(usable)} GiB per device (memory_fraction {result.memory_fraction})",
         f"Training: {result.train.describe()}",
+        _parameter_line(result),
         f"Pins:     {result.pins.describe()}",
         "",
         *_chosen_lines(result.chosen, result.cluster.devices_per_node),

@@ -35,6 +35,7 @@ from transformers import LlamaConfig
 from llama_ft.errors import ConfigError, PlanError
 from llama_ft.parallel.applying.apply import check_tensor_parallel_fits
 from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.specs import LoraSpec
 from llama_ft.parallel.planning.units import GiB
 from llama_ft.presets import load_llama_config
 
@@ -104,6 +105,7 @@ class _Request:
     precision: str
     attn_implementation: str
     grad_accumulation: int = 1
+    lora: LoraSpec | None = None
 
 
 def simulate_peak_memory(
@@ -115,6 +117,7 @@ def simulate_peak_memory(
     precision: str = "bf16-mixed",
     attn_implementation: str = "sdpa",
     grad_accumulation: int = 1,
+    lora: LoraSpec | None = None,
     timeout_s: float = 600.0,
 ) -> SimulationResult:
     """Simulate two training iterations of ``layout`` on a fake ``layout.world_size``-rank world; return rank 0's peak.
@@ -122,11 +125,12 @@ def simulate_peak_memory(
     ``config`` is a ``LlamaConfig`` or a preset name / config path. ``precision`` is a Lightning precision name
     (``bf16-mixed``: fp32 parameters, bf16 compute, fp32 gradient reduction). ``attn_implementation`` is HF's
     (``sdpa``, what training uses, or ``eager``, which materializes the s×s scores). ``grad_accumulation`` > 1 runs
-    two micro-batches per optimizer step (see ``MAX_SIMULATED_MICRO_BATCHES``). Runs in a spawned child process
+    two micro-batches per optimizer step (see ``MAX_SIMULATED_MICRO_BATCHES``). ``lora`` injects peft adapters as
+    ``fit`` does (frozen base, only the adapters in the optimizer). Runs in a spawned child process
     and raises ``TimeoutError`` after ``timeout_s`` and ``RuntimeError`` (with the child's traceback) if it fails.
     """
     request = _make_request(config, layout, micro_batch_size, seq_len, precision, attn_implementation,
-                            grad_accumulation)
+                            grad_accumulation, lora)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -164,6 +168,7 @@ def _make_request(
     precision: str,
     attn_implementation: str,
     grad_accumulation: int = 1,
+    lora: LoraSpec | None = None,
 ) -> _Request:
     """Validate everything in the parent, so a bad argument fails fast with a clear message, not in the child."""
     if precision not in PRECISIONS:
@@ -186,7 +191,7 @@ def _make_request(
         )
     micro_batches = min(grad_accumulation, MAX_SIMULATED_MICRO_BATCHES)
     return _Request(llama_config, name, layout, micro_batch_size, seq_len, precision, attn_implementation,
-                    micro_batches)
+                    micro_batches, lora)
 
 
 def _child_main(request: _Request, sender: Connection) -> None:
@@ -277,12 +282,19 @@ def _simulate(request: _Request) -> SimulationResult:
         mesh = build_device_mesh(layout, "cpu")
         with torch.device("meta"), _default_dtype(build_dtype):
             model = LlamaForCausalLM(config)
+            if request.lora is not None:
+                from llama_ft.lora import LoraSettings, inject_lora
+
+                spec = request.lora
+                inject_lora(model, LoraSettings(r=spec.rank, dropout=spec.dropout,
+                                                target_modules=list(spec.target_modules)))
         apply_layout(model, layout, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):  # to_empty reads the meta tensors' shapes
             materialize(model, "cpu")
             model.train()
             # foreach is what AdamW picks on CUDA; its temporaries are part of the real peak
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
             input_ids = torch.randint(0, config.vocab_size, (request.micro_batch_size, request.seq_len))
             tracker = _tracker_ignoring_sharding_propagation(model, optimizer)
             tracker.track_inputs((input_ids,))

@@ -340,9 +340,51 @@ def normalize_precision(precision: str | int | None) -> str:
     return _PRECISION_ALIASES[key]
 
 
+# Input and output widths of each Llama projection LoRA can adapt, from a ModelSpec.
+_PROJECTION_SHAPES = {
+    "q_proj": lambda m: (m.hidden_size, m.q_dim),
+    "k_proj": lambda m: (m.hidden_size, m.kv_dim),
+    "v_proj": lambda m: (m.hidden_size, m.kv_dim),
+    "o_proj": lambda m: (m.q_dim, m.hidden_size),
+    "gate_proj": lambda m: (m.hidden_size, m.intermediate_size),
+    "up_proj": lambda m: (m.hidden_size, m.intermediate_size),
+    "down_proj": lambda m: (m.intermediate_size, m.hidden_size),
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters of rank ``rank`` on ``target_modules`` of every decoder layer; the base is frozen."""
+
+    rank: int
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.target_modules) - set(_PROJECTION_SHAPES))
+        if self.rank < 1 or unknown or not self.target_modules:
+            raise ConfigError(f"LoRA needs a rank >= 1 and target modules from {sorted(_PROJECTION_SHAPES)}; got "
+                              f"rank {self.rank}, targets {list(self.target_modules)}.")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def shapes(self, model: ModelSpec) -> list[tuple[int, int]]:
+        """(in, out) of every adapted projection of one layer."""
+        return [_PROJECTION_SHAPES[name](model) for name in self.target_modules]
+
+    def params_per_layer(self, model: ModelSpec) -> int:
+        """A (r × in) plus B (out × r) per adapted projection."""
+        return sum(self.rank * (fan_in + fan_out) for fan_in, fan_out in self.shapes(model))
+
+    def trainable_params(self, model: ModelSpec) -> int:
+        return model.num_layers * self.params_per_layer(model)
+
+    def describe(self) -> str:
+        return f"LoRA r={self.rank} on {', '.join(self.target_modules)}"
+
+
 @dataclass(frozen=True)
 class TrainSpec:
-    """The recipe's sizes that decide memory and time: sequence, global batch, precision, optimizer."""
+    """The recipe's sizes that decide memory and time: sequence, global batch, precision, optimizer, LoRA or full."""
 
     seq_len: int
     global_batch_size: int
@@ -352,6 +394,7 @@ class TrainSpec:
     mean_tokens_per_row: float | None = None
     # True when every row is padded to seq_len (compute runs on full rows however few tokens are real).
     pads_to_max: bool = False
+    lora: LoraSpec | None = None  # None: full fine-tuning
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.global_batch_size < 1:
@@ -388,4 +431,5 @@ class TrainSpec:
         return (
             f"sequence {self.seq_len}{rows}, global batch {self.global_batch_size} sequences "
             f"({self.tokens_per_step:,.0f} tokens/step), {self.precision}, {self.optimizer}"
+            + (f", {self.lora.describe()}" if self.lora else ", full fine-tuning")
         )

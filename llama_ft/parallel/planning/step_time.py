@@ -171,6 +171,10 @@ def estimate_step_time(
     coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
 ) -> StepTime:
     """Predicted seconds per optimizer step: compute + communication not hidden + optimizer + offload + overhead."""
+    if train.lora is not None:  # frozen base: its own model (lora_time.py)
+        from llama_ft.parallel.planning.lora_time import estimate_lora_step_time
+
+        return estimate_lora_step_time(model, cluster, train, layout, micro_batch, grad_accumulation, coeffs)
     prec = precision_profile(train.precision, coeffs)
     row = train.computed_tokens_per_row
     tokens = micro_batch * row
@@ -207,5 +211,9 @@ def estimate_step_time(
 
 def model_flops_per_step(model: ModelSpec, train: TrainSpec) -> float:
     """Useful FLOPs of one optimizer step (real tokens, no recompute), the numerator of MFU."""
+    if train.lora is not None:
+        from llama_ft.parallel.planning.lora_time import lora_flops_per_token
+
+        return train.tokens_per_step * lora_flops_per_token(model, train)
     return train.tokens_per_step * flops_per_token(model, train.real_tokens_per_row)
 

@@ -1,0 +1,162 @@
+"""LoRA adapters (Hugging Face ``peft``) on a ``LlamaForCausalLM``: settings, injection, initialization, merging.
+
+Adapters are injected in place (``peft.inject_adapter_in_model``), so the model stays a ``LlamaForCausalLM`` and the
+``advanced`` strategy parallelizes it as it does any other; peft freezes every base weight. A wrapped projection keeps
+its base weight under ``<proj>.base_layer.weight``, so Hugging Face weights are renamed on the way in
+(:func:`base_key_map`) and back on the way out (:func:`build_peft_model`).
+
+The adapters' first values come from a generator seeded with ``torch.initial_seed()`` (``seed_everything`` sets it)
+and are identical whatever the layout, so a sharded run starts from exactly the single-process run's adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama_ft.errors import ConfigError
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the named projections: ``W x + (alpha / r) · B A x``, with ``A`` (r × in) and ``B`` (out × r).
+
+    Args:
+        r: adapter rank.
+        alpha: scale numerator (the update is multiplied by ``alpha / r``).
+        dropout: dropout on the adapters' input during training.
+        target_modules: Llama projections that get adapters (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+            ``gate_proj``, ``up_proj``, ``down_proj``).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r={self.r} must be a positive integer (the adapter rank, e.g. 8 or 64).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout={self.dropout} must be in [0, 1).")
+        unknown = sorted(set(self.target_modules) - set(LLAMA_PROJECTIONS))
+        if unknown or not self.target_modules:
+            raise ConfigError(
+                f"model.lora.target_modules={list(self.target_modules)} must name Llama projections from "
+                f"{list(LLAMA_PROJECTIONS)}" + (f"; unknown: {unknown}." if unknown else ".")
+            )
+
+    @classmethod
+    def parse(cls, value: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:
+        """Accept the settings, the plain dict a checkpoint's hyper-parameters hold, or None (LoRA off)."""
+        if value is None or isinstance(value, LoraSettings):
+            return value
+        return cls(**dict(value))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for hyper-parameters (a checkpoint is read with ``weights_only=True``)."""
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def is_adapter_key(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def inject_lora(model: LlamaForCausalLM, settings: LoraSettings) -> None:
+    """Add adapters in place (works on the meta device too); peft leaves only the adapters trainable."""
+    inject_adapter_in_model(settings.peft_config(), model)
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def base_key_map(model: torch.nn.Module) -> dict[str, str]:
+    """Hugging Face weight name → this model's name, for every projection that carries an adapter."""
+    mapping = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            prefix = _clean(name)
+            for tensor in ("weight", "bias"):
+                mapping[f"{prefix}.{tensor}"] = f"{prefix}.base_layer.{tensor}"
+    return mapping
+
+
+def initial_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full-size first values of every adapter, the same on every rank and layout: ``A`` as ``nn.Linear`` initializes
+    its weight (Kaiming-uniform, a = √5, as peft does), ``B`` zero, so training starts from the base model."""
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    state = {}
+    for name, param in sorted(model.named_parameters(), key=lambda item: _clean(item[0])):
+        if not is_adapter_key(name):
+            continue
+        value = torch.zeros(param.shape, dtype=torch.float32)
+        if ".lora_A." in name:
+            bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=√5) on a (r × in) matrix
+            value.uniform_(-bound, bound, generator=generator)
+        state[_clean(name)] = value.to(param.dtype)
+    return state
+
+
+def to_hf_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a LoRA model's state into Hugging Face base weights (original names) and the adapters."""
+    base, adapters = {}, {}
+    for key, value in state.items():
+        key = _clean(key)
+        if is_adapter_key(key):
+            adapters[key] = value
+        else:
+            base[key.replace(".base_layer.", ".")] = value
+    return base, adapters
+
+
+def build_peft_model(config: LlamaConfig, base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
+                     settings: LoraSettings, base_name: str | None) -> PeftModel:
+    """A ``PeftModel`` holding ``base`` (Hugging Face names) and the trained ``adapters`` (names as in training).
+
+    ``base_name`` is recorded as the adapter's base model (``adapter_config.json``) for ``PeftModel.from_pretrained``.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    result = model.load_state_dict(dict(base), strict=False, assign=True)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"base weights do not fit the model: missing {sorted(missing)[:3]}, unexpected "
+                          f"{sorted(result.unexpected_keys)[:3]}; pass the recipe the run used.")
+    model.tie_weights()
+    model.name_or_path = model.config.name_or_path = base_name or ""
+    config_ = settings.peft_config()
+    config_.lora_dropout = 0.0  # inference copy
+    peft_model = get_peft_model(model, config_)
+    inner = peft_model.base_model.model
+    result = inner.load_state_dict(dict(adapters), strict=False)
+    if result.unexpected_keys or any(is_adapter_key(k) for k in result.missing_keys):
+        raise ConfigError(f"the checkpoint's adapters do not fit model.lora={settings.as_dict()}: unexpected "
+                          f"{sorted(result.unexpected_keys)[:3]}, missing "
+                          f"{sorted(k for k in result.missing_keys if is_adapter_key(k))[:3]}.")
+    return peft_model.eval()
+
+
+def merged_model(config: LlamaConfig, state: Mapping[str, torch.Tensor], settings: LoraSettings,
+                 base_name: str | None) -> LlamaForCausalLM:
+    """The trained LoRA model (``state``: names as in training) with its adapters merged into the base weights."""
+    base, adapters = to_hf_names(state)
+    return build_peft_model(config, base, adapters, settings, base_name).merge_and_unload()
