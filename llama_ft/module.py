@@ -10,15 +10,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity, ROUGEScore
+from torchmetrics.text import Perplexity
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
 from llama_ft.errors import ConfigError
 from llama_ft.presets import resolve_llama_config
+from llama_ft.rouge import ROUGE_KEYS, StemmedRouge
 
 LrSchedule = Literal["constant", "cosine"]
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 def _on_meta_device() -> bool:
@@ -87,7 +87,7 @@ class LlamaFineTuner(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity(ignore_index=-100)
         self.test_loss = MeanMetric()
-        self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
+        self.rouge = StemmedRouge()
         self.flops_per_batch = 0.0
 
     # ------------------------------------------------------------------------------------------ model build
@@ -188,7 +188,7 @@ class LlamaFineTuner(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scores = self.rouge.compute()
-        self.log_dict({f"test_{key}": scores[f"{key}_fmeasure"] for key in ROUGE_KEYS})
+        self.log_dict({f"test_{key}": scores[key] for key in ROUGE_KEYS})
         self.rouge.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
