@@ -1,7 +1,5 @@
 """LlamaFineTuner: the LightningModule around ``transformers.LlamaForCausalLM``."""
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -16,9 +14,12 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
 from llama_ft.errors import ConfigError
 from llama_ft.presets import resolve_llama_config
+from llama_ft.ranges import Fraction, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from llama_ft.rouge import ROUGE_KEYS, StemmedRouge
 
 LrSchedule = Literal["constant", "cosine"]
+# The attention kernels transformers' Llama accepts by name.
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
 def _on_meta_device() -> bool:
@@ -65,14 +66,14 @@ class LlamaFineTuner(L.LightningModule):
         self,
         model_config: str | None = None,
         model_name_or_path: str | None = None,
-        learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
+        learning_rate: PositiveFloat = 1e-5,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: tuple[OpenFraction, OpenFraction] = (0.9, 0.999),
         lr_schedule: LrSchedule = "constant",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 128,
-        attn_implementation: str = "sdpa",
+        warmup_steps: NonNegativeInt = 0,
+        min_lr_ratio: Fraction = 0.1,
+        max_new_tokens: PositiveInt = 128,
+        attn_implementation: AttnImplementation = "sdpa",
         hf_export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -80,6 +81,9 @@ class LlamaFineTuner(L.LightningModule):
             raise ConfigError("set model.model_config (a preset or JSON) and/or model.model_name_or_path (weights).")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'.")
+        if attn_implementation not in AttnImplementation.__args__:
+            raise ConfigError(f"model.attn_implementation={attn_implementation!r} is not one of "
+                              f"{list(AttnImplementation.__args__)}.")
         self.save_hyperparameters()
         self.llama_config = resolve_llama_config(model_config, model_name_or_path)
         self.llama_config._attn_implementation = attn_implementation

@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from llama_ft.checkpoint.atomic import resolve_checkpoint
+from llama_ft.checkpoint.atomic import corrupt_checkpoint_error, resolve_checkpoint
 from llama_ft.errors import ConfigError
 
 DCP_METADATA = ".metadata"
@@ -44,6 +44,11 @@ class LightningCheckpoint:
 def _torch_load(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as err:
+        error = corrupt_checkpoint_error(path, err)
+        if error is None:
+            raise
+        raise error from err
     except pickle.UnpicklingError as err:
         raise ConfigError(
             f"{path} holds objects other than tensors and plain values ({err}). llama_ft reads {what} with "

@@ -17,6 +17,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
+from llama_ft.cli.usage import OneLineErrorParser
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import LlamaFTError
 from llama_ft.module import LlamaFineTuner
@@ -46,6 +47,7 @@ class LlamaCLI(LightningCLI):
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_class=OneLineErrorParser,
             parser_kwargs={"description": "Fine-tune Llama on CNN/DailyMail; plan, submit and export the runs."},
         )
 
