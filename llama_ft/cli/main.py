@@ -13,10 +13,17 @@ import sys
 from types import ModuleType
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
+from llama_ft.callbacks import JsonlPredictionWriter, StepProgressBar
+from llama_ft.cli.quiet import silence_wrong_messages
 from llama_ft.cli.usage import OneLineErrorParser
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import LlamaFTError
@@ -67,6 +74,27 @@ class LlamaCLI(LightningCLI):
             self._subcommand_parsers[name] = sub
             subcommands.add_subcommand(name, sub, help=command.DESCRIPTION)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        """Add the bar that counts optimizer steps, unless the recipe names a progress bar or turns it off."""
+        named = config.get("callbacks") or []
+        named = named if isinstance(named, list) else [named]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in (*named, *callbacks)
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                rank_zero_info(f"checkpoints written to {callback.dirpath} (last: {callback.last_model_path or '-'}, "
+                               f"best: {callback.best_model_path or '-'})")
+
+    def after_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, JsonlPredictionWriter):
+                rank_zero_info(f"predictions written to {callback.output_path}")
+
     def _set_seed(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:  # the extra commands draw no random numbers
             super()._set_seed()
@@ -111,9 +139,11 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code: 2 with one line on stderr for input that cannot work (argument
-    errors exit 2 through the parser), the traceback too when LLAMA_FT_DEBUG=1."""
+    """Run one command; returns its exit code: 2 with one line on stderr for input that cannot work (a refused
+    command line, a ``LlamaFTError`` or Lightning's ``MisconfigurationException`` from any stage, in any launched
+    process), the traceback instead when LLAMA_FT_DEBUG=1."""
     from_command_line = argv is None
+    silence_wrong_messages()
     argv = expand_shorthands(with_default_config(list(sys.argv[1:] if argv is None else argv)))
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
@@ -123,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] = argv
             return LlamaCLI().exit_code
         return LlamaCLI(args=argv).exit_code
-    except LlamaFTError as err:
+    except (LlamaFTError, MisconfigurationException) as err:
         if os.environ.get("LLAMA_FT_DEBUG") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every launched process fails alike; the first one says why
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -165,6 +165,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         rank_zero_info(format_plan_report(result))
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / PLAN_FILENAME).write_text(json.dumps(plan_result_to_dict(result), indent=2) + "\n")
+        rank_zero_info(f"parallel plan written to {log_dir / PLAN_FILENAME}")
 
     # ------------------------------------------------------------------------------------------- applying
     @contextmanager
