@@ -23,10 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
 from llama_ft.callbacks import JsonlPredictionWriter, StepProgressBar
+from llama_ft.checkpoint.atomic import corrupt_checkpoint_error
 from llama_ft.cli.quiet import silence_wrong_messages
 from llama_ft.cli.usage import OneLineErrorParser
 from llama_ft.data import CNNDailyMailDataModule
-from llama_ft.errors import LlamaFTError
+from llama_ft.errors import ConfigError, LlamaFTError
 from llama_ft.module import LlamaFineTuner
 from llama_ft.presets import DEFAULT_RECIPE
 
@@ -62,6 +63,16 @@ class LlamaCLI(LightningCLI):
         """``main(argv)`` passes the arguments on purpose (Lightning warns when ``sys.argv`` holds others)."""
         self.config = parser.parse_args(args)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyper-parameters first; a torn file is named in one line."""
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError) as err:
+            error = corrupt_checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err)
+            if error is None:
+                raise
+            raise error from err
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's Trainer commands, then each extra command with the recipe arguments plus its own."""
         super()._add_subcommands(parser, **kwargs)
@@ -82,7 +93,10 @@ class LlamaCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in (*named, *callbacks)
         ):
             callbacks = [*callbacks, StepProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        try:  # building a Trainer loads nothing: what it refuses here is the recipe's trainer section
+            return super()._instantiate_trainer(config, callbacks)
+        except (ValueError, MisconfigurationException) as err:
+            raise ConfigError(f"trainer settings refused: {' '.join(str(err).split())}") from err
 
     def after_fit(self) -> None:
         for callback in self.trainer.checkpoint_callbacks:
