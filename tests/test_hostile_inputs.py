@@ -173,7 +173,7 @@ def test_the_command_line_shows_exactly_one_line(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: model.learning_rate=0: Input should be greater than 0.")
+    assert result.stderr.startswith("error: --model.learning_rate=0: Input should be greater than 0.")
 
 
 def test_debug_mode_raises_with_the_traceback(monkeypatch):

@@ -23,7 +23,7 @@ class UsageError(ConfigError):
 
 
 def one_line(message: str, prog: str) -> str:
-    """``key=value: reason``, then where to look up the accepted values."""
+    """``--key=value: reason``, then where to look up the accepted values."""
     key = _KEY.search(message)
     value = _VALUE.findall(message)
     reasons = [
@@ -40,7 +40,7 @@ def one_line(message: str, prog: str) -> str:
         bound = _BOUND.search(message)
         if reason.endswith((" than", " to")) and bound:  # inside a Union, jsonargparse drops the bound from the text
             reason += f" {bound.group(1)}"
-        head = f"{key.group(1)}={value[-1].strip() if value else '?'}: {reason.rstrip('.')}"
+        head = f"--{key.group(1)}={value[-1].strip() if value else '?'}: {reason.rstrip('.')}"
     return f"{head}. Run `{prog} --help` for the accepted options and values."
 
 
