@@ -21,7 +21,7 @@ import torch
 
 from llama_ft.cli import main
 from llama_ft.errors import ConfigError
-from tests.helpers import HUB_README, REPO_ROOT, news_rows
+from tests.helpers import HUB_README, REPO_ROOT, free_port, news_rows
 
 TINY = json.loads((REPO_ROOT / "llama_ft" / "presets" / "models" / "llama-tiny.json").read_text())
 
@@ -174,6 +174,28 @@ def test_the_command_line_shows_exactly_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: --model.learning_rate=0: Input should be greater than 0.")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_an_error_in_launched_processes_ends_as_one_line(tmp_path):
+    """Rank 0 fails on the data while rank 1 waits for it: one line, exit 2, no peer's traceback."""
+    user = tmp_path / "user"
+    _write_hub(user / "blank_train", {**_good_splits(), "train": _table([{**r, "article": " "} for r in news_rows(4)])})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": str(free_port())}
+    env.pop("LLAMA_FT_DEBUG", None)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_ft", "fit", f"--data.dataset={user / 'blank_train'}", "--trainer.devices=2",
+         "--trainer.strategy=ddp", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+         f"--data.cache_dir={out / 'cache'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "every train row of" in errors[0]
+    assert "Traceback" not in result.stderr
 
 
 def test_debug_mode_raises_with_the_traceback(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from types import ModuleType
 from typing import Any
@@ -19,6 +20,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
@@ -119,7 +121,15 @@ class LlamaCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand not in EXTRA_COMMANDS:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except LlamaFTError:
+                # Lightning leaves the processes it launched waiting for this one; a peer's failed collective would
+                # end each with a traceback. Stop them, as Lightning does on Ctrl-C; this process reports the error.
+                launcher = self.trainer.strategy.launcher
+                if isinstance(launcher, _SubprocessScriptLauncher):
+                    launcher.kill(signal.SIGKILL)
+                raise
             return
         config: Namespace = self.config[subcommand]
         self.exit_code = _extra_command(subcommand).run(config, self._argv[1:])

@@ -195,8 +195,8 @@ def test_pad_id_and_tokenizer_hash_are_computed_once(make_hub_dir, tmp_path, mon
 
     monkeypatch.setattr(datamodule_module, "choose_pad_token_id", counting("pad", choose))
     monkeypatch.setattr(datamodule_module, "tokenizer_fingerprint", counting("hash", fingerprint))
-    root = make_hub_dir({"train": news_rows(8), "validation": news_rows(4, prefix="v"), "test": news_rows(4, prefix="t")})
-    dm = _dm(root, tmp_path, micro_batch_size=1)
+    splits = {"train": news_rows(8), "validation": news_rows(4, prefix="v"), "test": news_rows(4, prefix="t")}
+    dm = _dm(make_hub_dir(splits), tmp_path, micro_batch_size=1)
     dm.prepare_data()  # three splits
     dm.setup("fit")
     dm.setup("test")
