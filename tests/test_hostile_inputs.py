@@ -99,7 +99,7 @@ CASES = [
     ("fit-num-workers", ["fit", "--data.num_workers=-1"], "data.num_workers=-1: Input should be greater than or equal"),
     ("fit-option-typo", ["fit", "--model.lerning_rate=1e-4"], "unrecognized arguments: --model.lerning_rate"),
     ("fit-max-steps-text", ["fit", "--trainer.max_steps=ten"], "trainer.max_steps=ten: expected type int"),
-    ("fit-missing-recipe", ["fit", "--config={user}/nowhere.yaml"], "nowhere.yaml"),
+    ("fit-missing-recipe", ["fit", "--config={user}/nowhere.yaml"], "--config: File does not exist"),
     ("validate-global-batch", ["validate", "--data.global_batch_size=0"], "data.global_batch_size=0: Input should be"),
     ("test-max-new-tokens", ["test", "--model.max_new_tokens=0"], "model.max_new_tokens=0: Input should be greater"),
     ("predict-val-every", ["predict", "--data.val_every_n_steps=-3"], "data.val_every_n_steps=-3: Input should be"),

@@ -30,8 +30,10 @@ def one_line(message: str, prog: str) -> str:
         line.strip(" -") for line in message.splitlines()[1:]
         if line.strip() and not line.strip(" -").startswith(_NOISE) and "validation error for" not in line
     ]
-    if key is None or not reasons:
+    if key is None:
         head = " ".join(message.split())
+    elif not reasons:  # a one-line report, e.g. 'Parser key "config": File does not exist: ...'
+        head = f"--{key.group(1)}: {' '.join(message[key.end():].lstrip(': ').split())}".rstrip(".")
     else:
         reason = re.sub(r"\s*\[type=.*?\]", "", reasons[0]).split(". Got value:")[0]
         reason = re.sub(r"<class '(\w+)'>", r"\1", reason)
