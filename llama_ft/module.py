@@ -1,7 +1,5 @@
 """LlamaFineTuner: the LightningModule around ``transformers.LlamaForCausalLM``."""
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -11,16 +9,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity, ROUGEScore
+from torchmetrics.text import Perplexity
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import full_state_dict, load_full_weights, save_hf_directory
 from llama_ft.errors import ConfigError
 from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key, merged_model
 from llama_ft.presets import resolve_llama_config
+from llama_ft.ranges import Fraction, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
+from llama_ft.rouge import ROUGE_KEYS, StemmedRouge
 
 LrSchedule = Literal["constant", "cosine"]
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+# The attention kernels transformers' Llama accepts by name.
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
 def _on_meta_device() -> bool:
@@ -70,14 +71,14 @@ class LlamaFineTuner(L.LightningModule):
         self,
         model_config: str | None = None,
         model_name_or_path: str | None = None,
-        learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
+        learning_rate: PositiveFloat = 1e-5,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: tuple[OpenFraction, OpenFraction] = (0.9, 0.999),
         lr_schedule: LrSchedule = "constant",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 128,
-        attn_implementation: str = "sdpa",
+        warmup_steps: NonNegativeInt = 0,
+        min_lr_ratio: Fraction = 0.1,
+        max_new_tokens: PositiveInt = 128,
+        attn_implementation: AttnImplementation = "sdpa",
         hf_export_dir: str | None = None,
         lora: LoraSettings | None = None,
     ) -> None:
@@ -87,6 +88,9 @@ class LlamaFineTuner(L.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'.")
         self.lora = LoraSettings.parse(lora)
+        if attn_implementation not in AttnImplementation.__args__:
+            raise ConfigError(f"model.attn_implementation={attn_implementation!r} is not one of "
+                              f"{list(AttnImplementation.__args__)}.")
         self.save_hyperparameters()
         self.hparams.lora = self.lora.as_dict() if self.lora else None  # plain values: checkpoints load weights-only
         # A LoRA checkpoint of a pretrained base holds only the adapters; the base comes from model_name_or_path.
@@ -97,7 +101,7 @@ class LlamaFineTuner(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity(ignore_index=-100)
         self.test_loss = MeanMetric()
-        self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
+        self.rouge = StemmedRouge()
         self.flops_per_batch = 0.0
 
     # ------------------------------------------------------------------------------------------ model build
@@ -220,7 +224,7 @@ class LlamaFineTuner(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scores = self.rouge.compute()
-        self.log_dict({f"test_{key}": scores[f"{key}_fmeasure"] for key in ROUGE_KEYS})
+        self.log_dict({f"test_{key}": scores[key] for key in ROUGE_KEYS})
         self.rouge.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ def test_fit_validate_test_predict_on_the_embedded_default(tmp_path, capsys):
     assert "val_loss" in capsys.readouterr().out
     _run("test", tmp_path, "--trainer.fast_dev_run=1")
     out = capsys.readouterr().out
-    for metric in ("test_loss", "test_rouge1", "test_rouge2", "test_rougeL"):
+    for metric in ("test_loss", "test_rouge1", "test_rouge2", "test_rougeL", "test_rougeLsum"):
         assert metric in out
     predictions = tmp_path / "predictions.jsonl"
     _run("predict", tmp_path, "--trainer.fast_dev_run=1",

@@ -30,6 +30,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from llama_ft.errors import ConfigError
+
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
 
@@ -128,12 +130,30 @@ def publish(partial: str | Path, target: str | Path) -> None:
     _fsync(target.parent)
 
 
+def corrupt_checkpoint_error(path: str | Path, err: Exception) -> ConfigError | None:
+    """The one-line error for a torn or truncated checkpoint file, or None when ``err`` is something else."""
+    if isinstance(err, EOFError) or (isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err)):
+        return ConfigError(f"checkpoint {path} is truncated or corrupt ({str(err).split('.')[0]}); use another "
+                           "checkpoint (e.g. an earlier one of the run) or copy the file again.")
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` whose single-file saves cannot be torn by a crash (see the module docstring).
 
     Enable it in a recipe with ``trainer.plugins: [llama_ft.checkpoint.AtomicCheckpointIO]``. Remote URLs
     (``s3://`` …) keep Lightning's own writer: object stores publish an object only once it is complete.
     """
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Lightning's loading; a torn or truncated file is named in one line instead of torch's zip error."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (RuntimeError, EOFError) as err:
+            error = corrupt_checkpoint_error(path, err)
+            if error is None:
+                raise
+            raise error from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if not _is_local_file_protocol(path):

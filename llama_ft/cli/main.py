@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from types import ModuleType
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_info
 
 import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
+from llama_ft.callbacks import JsonlPredictionWriter, StepProgressBar
 from llama_ft.cli.outputs import check_run_outputs
+from llama_ft.cli.quiet import silence_wrong_messages
 from llama_ft.cli.resume import prepare_checkpoint
+from llama_ft.cli.usage import OneLineErrorParser
 from llama_ft.data import CNNDailyMailDataModule
-from llama_ft.errors import LlamaFTError
+from llama_ft.errors import ConfigError, LlamaFTError
 from llama_ft.module import LlamaFineTuner
 from llama_ft.presets import DEFAULT_RECIPE
 
@@ -48,6 +58,7 @@ class LlamaCLI(LightningCLI):
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
+            parser_class=OneLineErrorParser,
             parser_kwargs={"description": "Fine-tune Llama on CNN/DailyMail; plan, submit and export the runs."},
         )
 
@@ -74,6 +85,30 @@ class LlamaCLI(LightningCLI):
             self._subcommand_parsers[name] = sub
             subcommands.add_subcommand(name, sub, help=command.DESCRIPTION)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        """Add the bar that counts optimizer steps, unless the recipe names a progress bar or turns it off."""
+        named = config.get("callbacks") or []
+        named = named if isinstance(named, list) else [named]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in (*named, *callbacks)
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        try:  # building a Trainer loads nothing: what it refuses here is the recipe's trainer section
+            return super()._instantiate_trainer(config, callbacks)
+        except (ValueError, MisconfigurationException) as err:
+            raise ConfigError(f"trainer settings refused: {' '.join(str(err).split())}") from err
+
+    def after_fit(self) -> None:
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                rank_zero_info(f"checkpoints written to {callback.dirpath} (last: {callback.last_model_path or '-'}, "
+                               f"best: {callback.best_model_path or '-'})")
+
+    def after_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, JsonlPredictionWriter):
+                rank_zero_info(f"predictions written to {callback.output_path}")
+
     def _set_seed(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:  # the extra commands draw no random numbers
             super()._set_seed()
@@ -92,11 +127,20 @@ class LlamaCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:
             super().instantiate_classes()
+        if self.subcommand in TRAINER_COMMANDS:  # None when built with run=False: nothing will be written
             check_run_outputs(self.subcommand, self.config[self.subcommand], self.trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand not in EXTRA_COMMANDS:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except LlamaFTError:
+                # Lightning leaves the processes it launched waiting for this one; a peer's failed collective would
+                # end each with a traceback. Stop them, as Lightning does on Ctrl-C; this process reports the error.
+                launcher = self.trainer.strategy.launcher
+                if isinstance(launcher, _SubprocessScriptLauncher):
+                    launcher.kill(signal.SIGKILL)
+                raise
             return
         config: Namespace = self.config[subcommand]
         self.exit_code = _extra_command(subcommand).run(config, self._argv[1:])
@@ -130,9 +174,11 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code: 2 with one line on stderr for input that cannot work (argument
-    errors exit 2 through the parser), the traceback too when LLAMA_FT_DEBUG=1."""
+    """Run one command; returns its exit code: 2 with one line on stderr for input that cannot work (a refused
+    command line, a ``LlamaFTError`` or Lightning's ``MisconfigurationException`` from any stage, in any launched
+    process), the traceback instead when LLAMA_FT_DEBUG=1."""
     from_command_line = argv is None
+    silence_wrong_messages()
     argv = expand_shorthands(with_default_config(list(sys.argv[1:] if argv is None else argv)))
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
@@ -142,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] = argv
             return LlamaCLI().exit_code
         return LlamaCLI(args=argv).exit_code
-    except LlamaFTError as err:
+    except (LlamaFTError, MisconfigurationException) as err:
         if os.environ.get("LLAMA_FT_DEBUG") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every launched process fails alike; the first one says why
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

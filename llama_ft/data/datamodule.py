@@ -1,7 +1,5 @@
 """CNN/DailyMail 3.0.0 as a LightningDataModule: load, tokenize once (cached), batch by the chosen mode."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import datasets
@@ -22,13 +20,20 @@ from llama_ft.data.batching import (
 from llama_ft.data.lengths import RowTokens, expected_row_tokens
 from llama_ft.data.prompt import choose_pad_token_id, summary_budget_error, template_tokens, tokenize_examples
 from llama_ft.data.sources import load_splits, load_tokenizer
-from llama_ft.errors import ConfigError
+from llama_ft.errors import ConfigError, DataError
 from llama_ft.global_batch import grad_accumulation
+from llama_ft.ranges import NonNegativeInt, PositiveInt
 
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
 # Bumped whenever tokenize_examples changes what it writes, so stale caches are never reused.
 _TOKENIZATION_VERSION = "1"
 _EARLY_CHECK_ROWS = 64
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of a tokenizer's full definition (vocabulary, merges, normalizer, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return Hasher.hash(backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())))
 
 
 class CNNDailyMailDataModule(L.LightningDataModule):
@@ -60,16 +65,16 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self,
         dataset: str = "abisee/cnn_dailymail",
         tokenizer: str = "meta-llama/Meta-Llama-3-8B",
-        max_length: int = 1024,
-        global_batch_size: int = 256,
-        micro_batch_size: int = 1,
+        max_length: PositiveInt = 1024,
+        global_batch_size: PositiveInt = 256,
+        micro_batch_size: PositiveInt = 1,
         batching: BatchingMode = "length_grouped",
         loss_on: LossOn = "summary",
-        val_every_n_steps: int | None = None,
-        max_examples_per_split: int | None = None,
-        min_article_tokens: int = 16,
-        num_workers: int = 0,
-        num_proc: int | None = None,
+        val_every_n_steps: PositiveInt | None = None,
+        max_examples_per_split: PositiveInt | None = None,
+        min_article_tokens: NonNegativeInt = 16,
+        num_workers: NonNegativeInt = 0,
+        num_proc: PositiveInt | None = None,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -82,6 +87,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_length={max_length} is too small to hold a prompt; use e.g. 1024.")
         if micro_batch_size < 1 or global_batch_size < 1:
             raise ConfigError("data.micro_batch_size and data.global_batch_size must be positive.")
+        if max_examples_per_split is not None and max_examples_per_split < 1:
+            raise ConfigError(f"data.max_examples_per_split={max_examples_per_split} must be at least 1 (or unset).")
         self.save_hyperparameters()
         self.dataset = dataset
         self.tokenizer_name = tokenizer
@@ -98,6 +105,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._pad_token_id: int | None = None  # each computed once per tokenizer: seconds with a 128k vocabulary
+        self._tokenizer_hash: str | None = None
         self.splits: dict[str, datasets.Dataset] = {}
         self._plan: tuple[int, int] | None = None  # (micro-batch, data-parallel size) from apply_plan
         self._train_sampler: MicroBatchSampler | None = None
@@ -130,7 +139,9 @@ class CNNDailyMailDataModule(L.LightningDataModule):
 
     @property
     def pad_token_id(self) -> int:
-        return choose_pad_token_id(self.tokenizer)
+        if self._pad_token_id is None:
+            self._pad_token_id = choose_pad_token_id(self.tokenizer)
+        return self._pad_token_id
 
     def _check_model_accepts(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Let the attached model refuse the tokenizer (e.g. too large a vocabulary) before any tokenizing."""
@@ -152,7 +163,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             self._hold_global_batch()
 
     def _tokenized(self, split: str, announce: bool) -> datasets.Dataset:
-        raw = load_splits(self.dataset, (split,), self.cache_dir)[split]
+        raw = self._complete_rows(load_splits(self.dataset, (split,), self.cache_dir)[split], split, announce)
         if self.max_examples_per_split is not None:
             raw = raw.select(range(min(self.max_examples_per_split, len(raw))))
         self._check_budget(raw, split)
@@ -191,11 +202,29 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             raise summary_budget_error(int(max(tokenized["length"], default=0)), self.max_length, split)
         return kept
 
+    def _complete_rows(self, raw: datasets.Dataset, split: str, announce: bool) -> datasets.Dataset:
+        """Drop rows whose article or summary is missing or blank: nothing to learn from, nothing to score against."""
+        kept = raw.filter(
+            lambda articles, summaries: [bool(a and a.strip()) and bool(h and h.strip())
+                                         for a, h in zip(articles, summaries, strict=True)],
+            input_columns=["article", "highlights"],
+            batched=True,
+            new_fingerprint=Hasher.hash((raw._fingerprint, "complete rows")),
+            desc=f"Dropping {split} rows without article or highlights",
+        )
+        if len(kept) == 0:
+            raise DataError(f"every {split} row of {self.dataset!r} lacks an article or highlights (missing or blank); "
+                            "the split needs at least one complete row.")
+        if announce and len(kept) < len(raw):
+            rank_zero_warn(f"{len(raw) - len(kept)} of {len(raw)} {split} rows of {self.dataset!r} dropped: their "
+                           "article or highlights is missing or blank.")
+        return kept
+
     def _tokenizer_identity(self) -> str:
-        """A stable hash of the tokenizer's behaviour (its full definition), for the cache fingerprint."""
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        return Hasher.hash(backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items())))
+        """A stable hash of the tokenizer's behaviour (its full definition), for the cache fingerprint; once per run."""
+        if self._tokenizer_hash is None:
+            self._tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
+        return self._tokenizer_hash
 
     def _check_budget(self, raw: datasets.Dataset, split: str) -> None:
         """Fail before tokenizing the split when max_length cannot hold template + summary of its first rows."""

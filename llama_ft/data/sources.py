@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -53,11 +54,24 @@ def check_local_parquet(root: Path, splits: tuple[str, ...]) -> None:
                 f"{root} has no {DATASET_CONFIG}/{split}-*.parquet files; a folder laid out like the hub repository "
                 f"has one or more per split (train, validation, test)."
             )
-        metadata = [pq.read_metadata(f) for f in files]
-        columns = metadata[0].schema.to_arrow_schema().names
-        _check_columns(columns, split, str(root))
+        metadata = [_read_footer(f) for f in files]
+        schema = metadata[0].schema.to_arrow_schema()
+        _check_columns(schema.names, split, str(root))
+        for column in REQUIRED_COLUMNS:
+            if not pa.types.is_string(schema.field(column).type) and not pa.types.is_large_string(
+                    schema.field(column).type):
+                raise DataError(f"column {column!r} of {files[0]} holds {schema.field(column).type}, not text; "
+                                "CNN/DailyMail rows are strings (article, highlights, id).")
         if sum(m.num_rows for m in metadata) == 0:
             raise _empty_split(split, str(root))
+
+
+def _read_footer(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is not a readable parquet file ({err}); it may be truncated: download or copy it "
+                        "again.") from err
 
 
 def _check_columns(columns: list[str], split: str, source: str) -> None:

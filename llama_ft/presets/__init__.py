@@ -34,7 +34,11 @@ def load_llama_config(name_or_path: str | Path) -> LlamaConfig:
             f"model config {text!r} is neither a preset nor a file. "
             f"Use one of the presets {preset_names()} or a path to a LlamaConfig JSON / checkpoint directory."
         )
-    config = PretrainedConfig.get_config_dict(str(path))[0]
+    try:
+        config = PretrainedConfig.get_config_dict(str(path))[0]
+    except (OSError, ValueError) as err:  # transformers reports malformed JSON as OSError or ValueError
+        raise ConfigError(f"model config {path} is not valid JSON ({str(err).splitlines()[0][:160]}); fix the file "
+                          "or use a preset.") from err
     return as_llama_config(config, source=str(path))
 
 
@@ -47,9 +51,26 @@ def as_llama_config(config: dict | PretrainedConfig, source: str) -> LlamaConfig
             f"{source} describes a {model_type!r} model, but llama_ft fine-tunes Llama-architecture models only "
             f"(model_type 'llama'). Pick a Llama checkpoint or one of the presets {preset_names()}."
         )
+    check_architecture(as_dict, source)
     if isinstance(config, LlamaConfig):
         return config
     return AutoConfig.for_model(**as_dict)
+
+
+def check_architecture(config: dict, source: str) -> None:
+    """Types and shapes a Llama needs, checked before anything is built (else they fail at the first forward)."""
+    for key in (*ARCHITECTURE_KEYS, "max_position_embeddings"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if hidden and heads and not config.get("head_dim") and hidden % heads:
+        raise ConfigError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}; "
+                          "choose sizes whose ratio is the head dimension (e.g. 4096 and 32).")
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(f"{source}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}; "
+                          "each key/value head serves a whole group of query heads (e.g. 32 and 8).")
 
 
 ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

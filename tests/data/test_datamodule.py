@@ -168,3 +168,39 @@ def test_the_state_counts_the_micro_batches_training_consumed(make_hub_dir, tmp_
     # 6 micro-batches per epoch, 2 per step; validation in between does not count; the last one of an epoch is
     # saved as the start of the next.
     assert positions.seen == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 0), (1, 1), (1, 2)]
+
+
+def test_rows_without_article_or_highlights_are_dropped_with_a_count(make_hub_dir, tmp_path):
+    rows = news_rows(6)
+    rows[1]["article"], rows[2]["highlights"], rows[3]["highlights"] = None, "  \n ", ""
+    root = make_hub_dir({"train": rows, "validation": news_rows(2, prefix="v"), "test": news_rows(2, prefix="t")})
+    dm = _dm(root, tmp_path)
+    with pytest.warns(UserWarning, match=r"3 of 6 train rows .* dropped: their article or highlights is missing"):
+        dm.setup("fit")
+    assert sorted(dm.splits["train"]["id"]) == sorted(rows[i]["id"] for i in (0, 4, 5))
+
+
+def test_pad_id_and_tokenizer_hash_are_computed_once(make_hub_dir, tmp_path, monkeypatch):
+    """Both cost seconds with a 128k-vocabulary tokenizer: once per data module, not per batch or per split."""
+    import llama_ft.data.datamodule as datamodule_module
+
+    calls = {"pad": 0, "hash": 0}
+    choose, fingerprint = datamodule_module.choose_pad_token_id, datamodule_module.tokenizer_fingerprint
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(datamodule_module, "choose_pad_token_id", counting("pad", choose))
+    monkeypatch.setattr(datamodule_module, "tokenizer_fingerprint", counting("hash", fingerprint))
+    splits = {"train": news_rows(8), "validation": news_rows(4, prefix="v"), "test": news_rows(4, prefix="t")}
+    dm = _dm(make_hub_dir(splits), tmp_path, micro_batch_size=1)
+    dm.prepare_data()  # three splits
+    dm.setup("fit")
+    dm.setup("test")
+    batches = list(dm.test_dataloader()) + list(dm.val_dataloader())
+    pad_ids = {dm.pad_token_id for _ in batches}
+    assert len(batches) == 8 and pad_ids == {choose(dm.tokenizer)}
+    assert calls == {"pad": 1, "hash": 1}

@@ -182,6 +182,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         from llama_ft.parallel.planning.plot import plot_plan  # matplotlib: rank 0 only, once per run
 
         plot_plan(result, log_dir / PLOT_FILENAME)
+        rank_zero_info(f"parallel plan written to {log_dir / PLAN_FILENAME}")
 
     # ------------------------------------------------------------------------------------------- applying
     @contextmanager
