@@ -53,6 +53,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESULT = RESULTS / "planner_accuracy.md"
 CACHE = RESULTS / "cache"
 TIMEOUT_S = 900.0
+# What the simulated step runs, beyond the key's sizes: a change here makes every cached simulation stale.
+IMPLEMENTATION = ("llama_ft.loss (chunked; loss parallel under TP), sequence-parallel TP, "
+                  "selective = every other matmul")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Case:
     layout: Layout
     micro_batch: int
     seq_len: int
+    optimizer: str = "fused"  # AdamW as the fine-tuner runs it on CUDA; "foreach" is its CPU choice
 
 
 def fsdp_rows(model: str, quick: bool) -> list[Case]:
@@ -89,13 +93,32 @@ def large_model_rows(model: str, quick: bool) -> list[Case]:
     return rows
 
 
-def grid(models: list[str], quick: bool) -> list[Case]:
+def lean_rows(model: str, quick: bool) -> list[Case]:
+    """What the lean step changed (issue 10), at sequence 4096 where it shows: op-level selective checkpointing,
+    sequence + loss parallel TP (FSDP 4 × TP 2), and foreach AdamW (the CPU choice) beside the fused default."""
+    rows = [Case(model, Layout(dp_shard=8, activation_checkpointing="selective"), 1, 4096),
+            Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="full"), 1, 4096)]
+    if not quick:
+        rows += [Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="selective"), 1, 4096),
+                 Case(model, Layout(dp_shard=8, activation_checkpointing="full"), 1, 1024, "foreach")]
+    return rows
+
+
+def large_model_lean_rows(model: str, quick: bool) -> list[Case]:
+    """The published 405B shape scaled to 70B: FSDP 8 × TP 8, full checkpointing, sequence 8192."""
+    return [] if quick else [Case(model, Layout(dp_shard=8, tp=8, activation_checkpointing="full"), 1, 8192)]
+
+
+def grid(models: list[str], quick: bool, lean_only: bool = False) -> list[Case]:
+    if lean_only:
+        return [case for model in models
+                for case in (large_model_lean_rows(model, quick) if model in LARGE_MODELS else lean_rows(model, quick))]
     cases = []
     for model in models:
         if model in LARGE_MODELS:
-            cases += large_model_rows(model, quick)
+            cases += [*large_model_rows(model, quick), *large_model_lean_rows(model, quick)]
         else:
-            cases += [*fsdp_rows(model, quick), *other_layout_rows(model, quick)]
+            cases += [*fsdp_rows(model, quick), *other_layout_rows(model, quick), *lean_rows(model, quick)]
     return cases
 
 
@@ -113,13 +136,15 @@ def cache_path(case: Case) -> Path:
         "seq_len": case.seq_len,
         "precision": PRECISION,
         "attention": "sdpa",
+        "optimizer": case.optimizer,
+        "implementation": IMPLEMENTATION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     lay = case.layout
     shape = f"r{lay.dp_replicate}s{lay.dp_shard}t{lay.tp}-{lay.activation_checkpointing}"
-    return CACHE / f"{case.model}-{shape}-b{case.micro_batch}-s{case.seq_len}-{digest}.json"
+    return CACHE / f"{case.model}-{shape}-b{case.micro_batch}-s{case.seq_len}-{case.optimizer}-{digest}.json"
 
 
 def load_cached(case: Case) -> SimulationResult | None:
@@ -137,7 +162,7 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
     if cached is not None:
         return cached
     result = simulate_peak_memory(case.model, case.layout, case.micro_batch, case.seq_len, precision=PRECISION,
-                                  timeout_s=TIMEOUT_S)
+                                  optimizer=case.optimizer, timeout_s=TIMEOUT_S)
     CACHE.mkdir(parents=True, exist_ok=True)
     cache_path(case).write_text(json.dumps({**asdict(result), "layout": asdict(case.layout)}, indent=1))
     print(f"  simulated {result.describe()}", file=sys.stderr, flush=True)
@@ -152,7 +177,8 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
 def predict(case: Case) -> MemoryBreakdown:
     """The cost model's peak for the same model, layout and micro-batch, one micro-batch per step as simulated."""
     spec = ModelSpec.from_llama_config(load_llama_config(case.model), name=case.model)
-    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION)
+    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION,
+                      fused_optimizer=case.optimizer == "fused")
     return estimate_memory(spec, train, case.layout, case.micro_batch)
 
 
@@ -162,7 +188,9 @@ def row(case: Case, result: SimulationResult) -> tuple[str, float]:
     error = memory.tensors / result.peak_bytes - 1
     mark = "" if abs(error) <= TOLERANCE else " ⚠"
     lay = case.layout
-    return (f"| {case.model} | {lay.world_size} | {lay.describe().replace(' × TP 1', '')} | {case.seq_len} | "
+    describe = lay.describe().replace(" × TP 1", "")
+    describe += f", {case.optimizer} AdamW" if case.optimizer != "fused" else ""
+    return (f"| {case.model} | {lay.world_size} | {describe} | {case.seq_len} | "
             f"{case.micro_batch} | {memory.tensors / GiB:.2f} | {result.peak_bytes / GiB:.2f} | {error:+.1%}{mark} | "
             f"{memory.phase} |", error)
 
@@ -196,13 +224,24 @@ HEADER = """# Planner accuracy: predicted vs simulated peak memory per rank
 Predicted: the cost model's peak per device **without** its allowance (workspace and fragmentation), which the
 simulation cannot see; the planner adds the allowance when it decides what fits. "Peak (predicted)" names the moment
 of the step the cost model finds largest. Simulated: the real training step (HF `LlamaForCausalLM` with SDPA, FSDP2 as
-`apply.py` configures it: fp32 sharded parameters, bf16 all-gather, fp32 reduce-scatter; `foreach` AdamW; two
-iterations of one micro-batch each) at full size on fake tensors with a fake process group and `FSDPMemTracker`
+`apply.py` configures it: fp32 sharded parameters, bf16 all-gather, fp32 reduce-scatter; TP with sequence and loss
+parallelism; the loss of `llama_ft/loss.py`, chunked without TP; selective checkpointing op by op; fused AdamW unless
+the row says foreach; two iterations of one micro-batch each) at full size on fake tensors with a fake process group
+and `FSDPMemTracker`
 (`llama_ft/parallel/simulate.py`), rank 0. The simulated SDPA is the CPU kernel's: it keeps repeated K/V heads and an
 s×s bias per layer, as CUDA kernels do for padded (masked) batches, which is the cost model's default. Error =
 predicted / simulated − 1; the target is ±{tolerance:.0%} on every row. GiB = 2^30 bytes. The cost model's phases were
 calibrated on these rows (Llama-3-70B's excepted); simulations it was not fitted to (selective checkpointing, TP 8,
 DDP, gradient accumulation, bf16-true and 32-true) are checked in `tests/parallel/test_memory.py`.
+
+"""
+
+
+LEAN_SECTION = "## Rows of the lean step\n\n"
+LEAN_INTRO = """Sequence 4096 unless stated, where the changes show: op-level selective checkpointing (every
+other matmul kept), FSDP 4 × TP 2 with sequence and loss parallelism, foreach AdamW (the fine-tuner's CPU choice)
+beside the fused default, and Llama-3-70B as FSDP 8 × TP 8 at sequence 8192 (the published Llama-3.1-405B shape,
+scaled down). Regenerate with `--lean --write`; same method and tolerance as above.
 
 """
 
@@ -213,13 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="world 8, micro-batch 1, one non-FSDP layout")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="simulations run at once, each a single-threaded process (default: %(default)s)")
+    parser.add_argument("--lean", action="store_true",
+                        help="only the rows of the lean step (selective op by op, sequence/loss-parallel TP, foreach "
+                             "AdamW); with --write they replace the file's section of their own")
     parser.add_argument("--refresh", action="store_true", help="ignore the cache and simulate every row again")
     parser.add_argument("--write", action="store_true",
                         help="also write the table to benchmarks/results/planner_accuracy.md (default grid only; "
                              "default: print only)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    cases = grid(args.models, args.quick)
+    cases = grid(args.models, args.quick, args.lean)
     missing = sum(1 for c in cases if args.refresh or load_cached(c) is None)
     print(f"{len(cases)} rows, {missing} to simulate", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -233,8 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     partial = args.quick or args.models != list(MODELS)
     if args.write and partial:  # a partial grid must not replace the committed table
         print(f"(a partial grid: {RESULT.relative_to(RESULTS.parent.parent)} left as it was)", file=sys.stderr)
+    elif args.write and args.lean:
+        main_table = RESULT.read_text().split(LEAN_SECTION)[0].rstrip() if RESULT.is_file() else ""
+        RESULT.write_text(main_table + "\n\n" + LEAN_SECTION + LEAN_INTRO + text + "\n\n" + footer + "\n")
     elif args.write:
-        RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n")
+        lean = RESULT.read_text().partition(LEAN_SECTION) if RESULT.is_file() else ("", "", "")
+        RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n"
+                          + ("\n" + lean[1] + lean[2] if lean[1] else ""))
     return 0 if all(abs(e) <= TOLERANCE for e in errors) else 1
 
 

@@ -93,11 +93,12 @@ def resolve_model(config: Namespace) -> tuple[ModelSpec, LlamaConfig]:
     return ModelSpec.from_llama_config(llama, name=name), llama
 
 
-def resolve_train(config: Namespace) -> TrainSpec:
+def resolve_train(config: Namespace, cluster: ClusterSpec) -> TrainSpec:
+    """The recipe's sizes; AdamW runs fused on GPUs and foreach on CPUs (as ``LlamaFineTuner`` configures it)."""
     precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
     return TrainSpec(config.seq_len or config.data.max_length,
                      config.global_batch_size or config.data.global_batch_size,
-                     normalize_precision(str(precision)))
+                     normalize_precision(str(precision)), fused_optimizer=cluster.accelerator != "cpu")
 
 
 def _devices(value: Any) -> int | None:
@@ -144,7 +145,8 @@ def run(config: Namespace, argv: list[str]) -> int:
     model, llama = resolve_model(config)
     pins, fraction = resolve_pins(config)
     fraction_kwargs = {} if fraction is None else {"memory_fraction": float(fraction)}
-    result = plan_parallelism(model, resolve_cluster(config), resolve_train(config), pins, **fraction_kwargs)
+    cluster = resolve_cluster(config)
+    result = plan_parallelism(model, cluster, resolve_train(config, cluster), pins, **fraction_kwargs)
     if config.verify or config.verify_top:
         return print_verified(result, llama, config)
     if config.json:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.errors import ConfigError
+from llama_ft.loss import loss_backward_context
 from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
 from llama_ft.parallel.applying.clipping import MeshAwarePrecision, with_mesh_aware_clipping
 from llama_ft.parallel.applying.contract import PlannableData, PlannableModule, require
@@ -142,6 +143,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
             seq_len=datamodule.max_length,
             global_batch_size=datamodule.global_batch_size,
             precision=self.precision_plugin.precision,
+            fused_optimizer=self.root_device.type == "cuda",  # as LlamaFineTuner.configure_optimizers picks
         )
 
     def _module(self) -> PlannableModule:
@@ -189,6 +191,12 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
             materialize(model, self.root_device)
             self._module().initialize_weights()
         super().setup(trainer)
+
+    def backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Under TP the loss's backward runs under ``loss_parallel`` (vocabulary-sharded logits, ``llama_ft.loss``)."""
+        assert self.plan_result is not None
+        with loss_backward_context(self.plan_result.chosen.layout.tp > 1):
+            return super().backward(closure_loss, *args, **kwargs)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -298,6 +298,8 @@ class TrainSpec:
     global_batch_size: int
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
+    # AdamW as the fine-tuner runs it: fused on CUDA (in place), foreach on CPU (a temporary copy of the parameters)
+    fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.global_batch_size < 1:
