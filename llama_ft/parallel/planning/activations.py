@@ -122,6 +122,7 @@ def logits_forward_bytes(model: ModelSpec, layout: Layout, micro_batch: int, seq
 def loss_backward_bytes(model: ModelSpec, layout: Layout, micro_batch: int, seq_len: int,
                         coeffs: CostCoefficients) -> float:
     """As the loss's backward runs (chunk by chunk without TP, recomputed): fp32 log-probabilities and the fp32
-    gradients with respect to them and to the logits, alive together."""
+    gradients with respect to them and to the logits, alive together (loss parallel: one copy more)."""
     tokens = logits_tokens(layout, micro_batch, seq_len, coeffs)
-    return tokens * logits_vocab(model, layout, coeffs) * 4 * coeffs.loss_backward_fp32_copies
+    copies = coeffs.loss_parallel_backward_fp32_copies if layout.tp > 1 else coeffs.loss_backward_fp32_copies
+    return tokens * logits_vocab(model, layout, coeffs) * 4 * copies

@@ -35,6 +35,9 @@ class CostCoefficients:
     # fp32 copies of the b·s·V logits alive as backward starts: the log-probabilities log_softmax saved and the
     # gradients with respect to them and to the logits (simulated: 12 bytes per token per vocabulary entry).
     loss_backward_fp32_copies: int = 3
+    # The loss-parallel cross-entropy (torch's ``loss_parallel``) keeps one more: its saved fp32 log-probabilities
+    # beside three fp32 temporaries of the vocabulary shard (simulated, FSDP 4 × TP 2).
+    loss_parallel_backward_fp32_copies: int = 4
     # Gradients of one layer's activations are alive while that layer runs backward: ~ one layer's saved set.
     backward_transient_layers: float = 1.0
     # --- model states and buffers ----------------------------------------------------------------------
