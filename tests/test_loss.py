@@ -79,3 +79,10 @@ def test_chunked_head_saves_no_logits_for_backward(monkeypatch):
     assert saved_logit_rows(lambda: reference(**batch, use_cache=False).loss) == batch["input_ids"].numel()
     assert saved_logit_rows(lambda: causal_lm_loss(model, batch["input_ids"], batch["labels"],
                                                    batch["attention_mask"])) == 0
+
+
+def test_memory_model_knows_the_chunk_size():
+    """The planner (no torch at import) mirrors the chunk size: a change to one must change the other."""
+    from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS
+
+    assert DEFAULT_COEFFICIENTS.loss_chunk_tokens == loss_module.LOSS_CHUNK_TOKENS
