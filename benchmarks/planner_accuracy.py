@@ -55,6 +55,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESULT = RESULTS / "planner_accuracy.md"
 CACHE = RESULTS / "cache"
 TIMEOUT_S = 900.0
+# What the simulated step runs, beyond the key's sizes: a change here makes every cached simulation stale.
+IMPLEMENTATION = ("llama_ft.loss (chunked; loss parallel under TP), sequence-parallel TP, "
+                  "selective = every other matmul")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Case:
     micro_batch: int
     seq_len: int
     lora: LoraSpec | None = None
+    optimizer: str = "fused"  # AdamW as the fine-tuner runs it on CUDA; "foreach" is its CPU choice
 
 
 # LoRA as the recipe runs it (q_proj, v_proj, rank 64), with and without adapter dropout: one GPU, FSDP, HSDP.
@@ -109,13 +113,32 @@ def large_model_rows(model: str, quick: bool) -> list[Case]:
     return rows
 
 
-def grid(models: list[str], quick: bool) -> list[Case]:
+def lean_rows(model: str, quick: bool) -> list[Case]:
+    """What the lean step changed (issue 10), at sequence 4096 where it shows: op-level selective checkpointing,
+    sequence + loss parallel TP (FSDP 4 × TP 2), and foreach AdamW (the CPU choice) beside the fused default."""
+    rows = [Case(model, Layout(dp_shard=8, activation_checkpointing="selective"), 1, 4096),
+            Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="full"), 1, 4096)]
+    if not quick:
+        rows += [Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="selective"), 1, 4096),
+                 Case(model, Layout(dp_shard=8, activation_checkpointing="full"), 1, 1024, "foreach")]
+    return rows
+
+
+def large_model_lean_rows(model: str, quick: bool) -> list[Case]:
+    """The published 405B shape scaled to 70B: FSDP 8 × TP 8, full checkpointing, sequence 8192."""
+    return [] if quick else [Case(model, Layout(dp_shard=8, tp=8, activation_checkpointing="full"), 1, 8192)]
+
+
+def grid(models: list[str], quick: bool, lean_only: bool = False) -> list[Case]:
+    if lean_only:
+        return [case for model in models
+                for case in (large_model_lean_rows(model, quick) if model in LARGE_MODELS else lean_rows(model, quick))]
     cases = []
     for model in models:
         if model in LARGE_MODELS:
-            cases += large_model_rows(model, quick)
+            cases += [*large_model_rows(model, quick), *large_model_lean_rows(model, quick)]
         else:
-            cases += [*fsdp_rows(model, quick), *other_layout_rows(model, quick)]
+            cases += [*fsdp_rows(model, quick), *other_layout_rows(model, quick), *lean_rows(model, quick)]
     return cases
 
 
@@ -133,6 +156,8 @@ def cache_path(case: Case) -> Path:
         "seq_len": case.seq_len,
         "precision": PRECISION,
         "attention": "sdpa",
+        "optimizer": case.optimizer,
+        "implementation": IMPLEMENTATION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -141,9 +166,8 @@ def cache_path(case: Case) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     lay = case.layout
     shape = f"r{lay.dp_replicate}s{lay.dp_shard}t{lay.tp}-{lay.activation_checkpointing}"
-    if case.lora is not None:
-        shape += f"-lora{case.lora.rank}"
-    return CACHE / f"{case.model}-{shape}-b{case.micro_batch}-s{case.seq_len}-{digest}.json"
+    shape += f"-lora{case.lora.rank}" if case.lora is not None else ""
+    return CACHE / f"{case.model}-{shape}-b{case.micro_batch}-s{case.seq_len}-{case.optimizer}-{digest}.json"
 
 
 def load_cached(case: Case) -> SimulationResult | None:
@@ -162,7 +186,7 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
     if cached is not None:
         return cached
     result = simulate_peak_memory(case.model, case.layout, case.micro_batch, case.seq_len, precision=PRECISION,
-                                  lora=case.lora, timeout_s=TIMEOUT_S)
+                                  lora=case.lora, optimizer=case.optimizer, timeout_s=TIMEOUT_S)
     CACHE.mkdir(parents=True, exist_ok=True)
     cache_path(case).write_text(json.dumps({**asdict(result), "layout": asdict(case.layout)}, indent=1))
     print(f"  simulated {result.describe()}", file=sys.stderr, flush=True)
@@ -177,7 +201,8 @@ def simulate(case: Case, refresh: bool) -> SimulationResult:
 def predict(case: Case) -> MemoryBreakdown:
     """The cost model's peak for the same model, layout and micro-batch, one micro-batch per step as simulated."""
     spec = ModelSpec.from_llama_config(load_llama_config(case.model), name=case.model)
-    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION, lora=case.lora)
+    train = TrainSpec(case.seq_len, case.micro_batch * case.layout.dp_size, PRECISION, lora=case.lora,
+                      fused_optimizer=case.optimizer == "fused")
     return estimate_memory(spec, train, case.layout, case.micro_batch)
 
 
@@ -195,7 +220,9 @@ def row(case: Case, result: SimulationResult) -> tuple[str, float]:
                 f"{lay.describe().replace(' × TP 1', '')} | {case.seq_len} | {case.micro_batch} | "
                 f"{memory.tensors / GiB:.2f} | {result.peak_bytes / GiB:.2f} | {error:+.1%}{mark} | {memory.phase} |",
                 error)
-    return (f"| {case.model} | {lay.world_size} | {lay.describe().replace(' × TP 1', '')} | {case.seq_len} | "
+    describe = lay.describe().replace(" × TP 1", "")
+    describe += f", {case.optimizer} AdamW" if case.optimizer != "fused" else ""
+    return (f"| {case.model} | {lay.world_size} | {describe} | {case.seq_len} | "
             f"{case.micro_batch} | {memory.tensors / GiB:.2f} | {result.peak_bytes / GiB:.2f} | {error:+.1%}{mark} | "
             f"{memory.phase} |", error)
 
@@ -232,8 +259,10 @@ HEADER = """# Planner accuracy: predicted vs simulated peak memory per rank
 Predicted: the cost model's peak per device **without** its allowance (workspace and fragmentation), which the
 simulation cannot see; the planner adds the allowance when it decides what fits. "Peak (predicted)" names the moment
 of the step the cost model finds largest. Simulated: the real training step (HF `LlamaForCausalLM` with SDPA, FSDP2 as
-`apply.py` configures it: fp32 sharded parameters, bf16 all-gather, fp32 reduce-scatter; `foreach` AdamW; two
-iterations of one micro-batch each) at full size on fake tensors with a fake process group and `FSDPMemTracker`
+`apply.py` configures it: fp32 sharded parameters, bf16 all-gather, fp32 reduce-scatter; TP with sequence and loss
+parallelism; the loss of `llama_ft/loss.py`, chunked without TP; selective checkpointing op by op; fused AdamW unless
+the row says foreach; two iterations of one micro-batch each) at full size on fake tensors with a fake process group
+and `FSDPMemTracker`
 (`llama_ft/parallel/simulate.py`), rank 0. The simulated SDPA is the CPU kernel's: it keeps repeated K/V heads and an
 s×s bias per layer, as CUDA kernels do for padded (masked) batches, which is the cost model's default. Error =
 predicted / simulated − 1; the target is ±{tolerance:.0%} on every row. GiB = 2^30 bytes. The cost model's phases were
@@ -260,12 +289,27 @@ def write_lora_section(text: str) -> None:
     RESULT.write_text(kept + LORA_HEADER + text + "\n")
 
 
+LEAN_SECTION = "## Rows of the lean step\n\n"
+LEAN_INTRO = """Sequence 4096 unless stated, where the changes show: op-level selective checkpointing (every
+other matmul kept), FSDP 4 × TP 2 with sequence and loss parallelism, foreach AdamW (the fine-tuner's CPU choice)
+beside the fused default, and Llama-3-70B as FSDP 8 × TP 8 at sequence 8192 (the published Llama-3.1-405B shape,
+scaled down), simulated with the step as it is now. The table above predates that step (HF's loss, TP without
+sequence or loss parallelism, selective keeping every matmul, foreach AdamW) wherever it differs: rows over 1,024
+tokens per micro-batch, TP rows and optimizer-step peaks. A full `--write` run re-simulates every row (about two
+hours on two busy cores) and folds these rows into one table. Regenerate this section alone with `--lean --write`.
+
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="model presets (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="world 8, micro-batch 1, one non-FSDP layout")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="simulations run at once, each a single-threaded process (default: %(default)s)")
+    parser.add_argument("--lean", action="store_true",
+                        help="only the rows of the lean step (selective op by op, sequence/loss-parallel TP, foreach "
+                             "AdamW); with --write they replace the file's section of their own, the rest is kept")
     parser.add_argument("--refresh", action="store_true", help="ignore the cache and simulate every row again")
     parser.add_argument("--lora", action="store_true", help="the LoRA grid (LORA_ROWS) instead of the default one")
     parser.add_argument("--write", action="store_true",
@@ -273,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                              "default: print only)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    cases = list(LORA_ROWS) if args.lora else grid(args.models, args.quick)
+    cases = list(LORA_ROWS) if args.lora else grid(args.models, args.quick, args.lean)
     missing = sum(1 for c in cases if args.refresh or load_cached(c) is None)
     print(f"{len(cases)} rows, {missing} to simulate", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -290,9 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.write and partial:  # a partial grid must not replace the committed table
         print(f"(a partial grid: {RESULT.relative_to(RESULTS.parent.parent)} left as it was)", file=sys.stderr)
     elif args.write:  # the LoRA section, if any, stays
-        lora = RESULT.read_text().partition(LORA_MARKER)[2] if RESULT.is_file() else ""
-        RESULT.write_text(HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n"
-                          + (LORA_MARKER + lora if lora else ""))
+        old = RESULT.read_text() if RESULT.is_file() else ""
+        lora = LORA_MARKER + old.partition(LORA_MARKER)[2] if LORA_MARKER in old else ""
+        if args.lean:
+            main_table = old.partition(LORA_MARKER)[0].split(LEAN_SECTION)[0].rstrip()
+            body = main_table + "\n\n" + LEAN_SECTION + LEAN_INTRO + text + "\n\n" + footer + "\n"
+        else:  # the full grid has the lean rows too: their own section goes
+            body = HEADER.format(tolerance=TOLERANCE) + text + "\n\n" + footer + "\n"
+        RESULT.write_text(body + lora)
     return 0 if all(abs(e) <= TOLERANCE for e in errors) else 1
 
 

@@ -9,12 +9,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import full_state_dict, load_full_weights, save_hf_directory
 from llama_ft.errors import ConfigError
 from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key, merged_model
+from llama_ft.loss import IGNORE_INDEX, causal_lm_loss, gathered_logits, install_loss_head
 from llama_ft.presets import resolve_llama_config
 from llama_ft.ranges import Fraction, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from llama_ft.rouge import ROUGE_KEYS, StemmedRouge
@@ -22,6 +22,13 @@ from llama_ft.rouge import ROUGE_KEYS, StemmedRouge
 LrSchedule = Literal["constant", "cosine"]
 # The attention kernels transformers' Llama accepts by name.
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
+class MeanPerplexity(MeanMetric):
+    """exp of the target-weighted mean loss: the perplexity, without holding the logits it is usually computed from."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(super().compute())
 
 
 def _on_meta_device() -> bool:
@@ -99,7 +106,7 @@ class LlamaFineTuner(L.LightningModule):
         self.llama_config._attn_implementation = attn_implementation
         self.model: LlamaForCausalLM | None = None
         self.val_loss = MeanMetric()
-        self.val_perplexity = Perplexity(ignore_index=-100)
+        self.val_perplexity = MeanPerplexity()
         self.test_loss = MeanMetric()
         self.rouge = StemmedRouge()
         self.flops_per_batch = 0.0
@@ -129,6 +136,7 @@ class LlamaFineTuner(L.LightningModule):
         else:
             self.model = LlamaForCausalLM(self.llama_config)
         self.model.config.use_cache = False
+        install_loss_head(self.model)
         if self.lora is not None:
             inject_lora(self.model, self.lora)
             if not _on_meta_device():
@@ -166,15 +174,16 @@ class LlamaFineTuner(L.LightningModule):
             self._load_initial_adapters()
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _forward(self, batch: dict[str, Any]) -> Any:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
-        return self.model(**inputs, use_cache=False)
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """HF's causal-LM loss, computed without full fp32 logits (``llama_ft.loss``)."""
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                              batch.get("position_ids"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self._forward(batch)
+        loss = self._loss(batch)
         self.flops_per_batch = self.training_flops(batch["num_tokens"], batch["input_ids"].shape[1])
-        self.log("train_loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return out.loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
 
     def training_flops(self, tokens: int, seq_len: int) -> float:
         """Forward + backward FLOPs of ``tokens`` real tokens in rows of ``seq_len`` (PaLM: 6·N + 12·L·H·s), for MFU."""
@@ -194,17 +203,15 @@ class LlamaFineTuner(L.LightningModule):
             self._n_params = sum(p.numel() for p in self.model.parameters())
         return self._n_params
 
-    def _update_loss(self, metric: MeanMetric, batch: dict[str, Any]) -> Any:
-        out = self._forward(batch)
-        targets = int((batch["labels"][:, 1:] != -100).sum())
+    def _update_loss(self, metrics: tuple[MeanMetric, ...], batch: dict[str, Any]) -> None:
+        loss = self._loss(batch)
+        targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if targets:  # filler batches only keep sharded replicas in step
-            metric.update(out.loss.detach().float(), weight=targets)
-        return out, targets
+            for metric in metrics:
+                metric.update(loss.detach().float(), weight=targets)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out, targets = self._update_loss(self.val_loss, batch)
-        if targets:
-            self.val_perplexity.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self._update_loss((self.val_loss, self.val_perplexity), batch)
         self.log("val_loss", self.val_loss, prog_bar=True, on_epoch=True, on_step=False)
         self.log("val_perplexity", self.val_perplexity, on_epoch=True, on_step=False)
 
@@ -216,7 +223,7 @@ class LlamaFineTuner(L.LightningModule):
         rank_zero_info(f"step {self.trainer.global_step}: val_loss {loss:.4f}")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._update_loss(self.test_loss, batch)
+        self._update_loss((self.test_loss,), batch)
         summaries = self.generate_summaries(batch)
         if not batch["filler"]:
             self.rouge.update(summaries, batch["references"])
@@ -241,17 +248,18 @@ class LlamaFineTuner(L.LightningModule):
         """Greedy decoding after each prompt, at most ``max_new_tokens`` tokens."""
         tokenizer = self.trainer.datamodule.tokenizer
         prompt = batch["prompt_ids"]
-        output = self.model.generate(
-            input_ids=prompt,
-            attention_mask=batch["prompt_attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=self.trainer.datamodule.pad_token_id,
-            use_cache=True,
-            # Sharded models run collectives in every forward: all ranks decode until the last one is done.
-            synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
-        )
+        with gathered_logits(self.model):
+            output = self.model.generate(
+                input_ids=prompt,
+                attention_mask=batch["prompt_attention_mask"],
+                max_new_tokens=self.hparams.max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=self.trainer.datamodule.pad_token_id,
+                use_cache=True,
+                # Sharded models run collectives in every forward: all ranks decode until the last one is done.
+                synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
+            )
         return [t.strip() for t in tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)]
 
     # ------------------------------------------------------------------------------------------ optimization

@@ -99,8 +99,9 @@ def resolve_model(config: Namespace) -> tuple[ModelSpec, LlamaConfig]:
     return ModelSpec.from_llama_config(llama, name=name), llama
 
 
-def resolve_train(config: Namespace) -> TrainSpec:
-    """The recipe's sizes; real tokens per row follow the data's batching mode (``llama_ft.data.lengths``)."""
+def resolve_train(config: Namespace, cluster: ClusterSpec) -> TrainSpec:
+    """The recipe's sizes; real tokens per row follow the data's batching mode (``llama_ft.data.lengths``); AdamW
+    runs fused on GPUs and foreach on CPUs (as ``LlamaFineTuner`` configures it)."""
     precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
     seq_len = config.seq_len or config.data.max_length
     rows = expected_row_tokens(str(config.data.dataset), str(config.data.batching), seq_len)
@@ -108,7 +109,8 @@ def resolve_train(config: Namespace) -> TrainSpec:
     return TrainSpec(seq_len, config.global_batch_size or config.data.global_batch_size,
                      normalize_precision(str(precision)), mean_tokens_per_row=rows.mean,
                      pads_to_max=rows.pads_to_max,
-                     lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout))
+                     lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout),
+                     fused_optimizer=cluster.accelerator != "cpu")
 
 
 def _devices(value: Any) -> int | None:
@@ -161,7 +163,8 @@ def run(config: Namespace, argv: list[str]) -> int:
     model, llama = resolve_model(config)
     pins, fraction = resolve_pins(config)
     fraction_kwargs = {} if fraction is None else {"memory_fraction": float(fraction)}
-    result = plan_parallelism(model, resolve_cluster(config), resolve_train(config), pins, **fraction_kwargs)
+    cluster = resolve_cluster(config)
+    result = plan_parallelism(model, cluster, resolve_train(config, cluster), pins, **fraction_kwargs)
     if config.verify or config.verify_top:
         status, result = print_verified(result, llama, config)
     elif config.json:

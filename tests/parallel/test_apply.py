@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.errors import PlanError
+from llama_ft.loss import causal_lm_loss, loss_backward_context
 from llama_ft.parallel.applying.apply import (
     apply_layout,
     build_device_mesh,
@@ -38,7 +39,7 @@ from llama_ft.parallel.layout import Layout
 
 STEPS = 3
 GLOBAL_BATCH = 4
-SEQ_LEN = 16
+SEQ_LEN = 15  # odd: sequence-parallel shards are uneven, as length-grouped batches make them
 LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-3
 LAUNCH_TIMEOUT_S = 150
@@ -92,14 +93,23 @@ def global_batches(config: LlamaConfig) -> list[torch.Tensor]:
     return [torch.randint(0, config.vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=generator) for _ in range(STEPS)]
 
 
-def train(model: LlamaForCausalLM, batches: list[torch.Tensor], dp_group: dist.ProcessGroup | None) -> list[float]:
-    """3 AdamW steps; the reported loss is averaged over data-parallel ranks (equal token counts per slice)."""
+def train(model: LlamaForCausalLM, batches: list[torch.Tensor], dp_group: dist.ProcessGroup | None,
+          layout: Layout | None = None) -> list[float]:
+    """3 AdamW steps; the reported loss is averaged over data-parallel ranks (equal token counts per slice).
+
+    The reference (``layout`` None) uses HF's own loss; parallel layouts use ``llama_ft.loss`` (chunked, or loss
+    parallel under TP), so parity also checks that loss against HF's."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     losses = []
     for batch in batches:
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        if layout is None:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+        else:
+            loss = causal_lm_loss(model, batch, batch)
+            with loss_backward_context(layout.tp > 1):
+                loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         reported = loss.detach().clone()
@@ -127,7 +137,7 @@ def run_layout(layout: Layout, tied: bool, reference: dict) -> dict:
     dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
     per_rank = GLOBAL_BATCH // dp_size
     batches = [b[dp_rank * per_rank : (dp_rank + 1) * per_rank] for b in global_batches(config)]
-    losses = train(model, batches, dp_mesh.get_group())
+    losses = train(model, batches, dp_mesh.get_group(), layout)
 
     final = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:

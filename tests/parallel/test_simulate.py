@@ -74,6 +74,11 @@ def test_bad_precision_is_refused_before_spawning() -> None:
         simulate_peak_memory(SMALL_MODEL, BASE, 1, 16, precision="fp8")
 
 
+def test_unknown_optimizer_is_refused_before_spawning() -> None:
+    with pytest.raises(ConfigError, match="optimizer 'sgd' cannot be simulated"):
+        simulate_peak_memory(SMALL_MODEL, BASE, 1, 16, optimizer="sgd")
+
+
 def test_tensor_parallel_that_splits_heads_is_refused() -> None:
     with pytest.raises(PlanError, match="tensor parallel degree 8"):
         simulate_peak_memory(SMALL_MODEL, Layout(tp=8), 1, 16)

@@ -1,8 +1,10 @@
 """The one switch through Lightning's Trainer: every pinned layout trains exactly like one process.
 
-DDP, FSDP and TP on 2 processes and FSDP × TP on 4 (gloo, CPU), activation checkpointing off and full, against a
-single-process run with Lightning's default strategy: per-step losses within 1e-5 over 3 optimizer steps. LoRA: DDP,
-FSDP (2 processes) and HSDP (4) against LoRA on one process.
+DDP, FSDP and TP on 2 processes and FSDP × TP on 4 (gloo, CPU), activation checkpointing off, full and selective
+(op by op), against a single-process run with Lightning's default strategy: per-step losses within 1e-5 over 3
+optimizer steps and final weights within 1e-4. TP runs with sequence and loss parallelism; the other layouts run the
+chunked loss (16-token chunks here, several per row). LoRA: DDP, FSDP (2 processes) and HSDP (4) against LoRA on one
+process.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _assert_parity(tmp_path: Path, results: dict, reference: dict, ref_tag: str 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_ddp_fsdp_tp_on_two_processes_match_one_process(parity_inputs):
     tmp_path, data, checkpoint, reference = parity_inputs
-    runs = [f"{layout}:{ac}" for layout in ("ddp", "fsdp", "tp") for ac in ("none", "full")]
+    runs = [f"{layout}:{ac}" for layout in ("ddp", "fsdp", "tp") for ac in ("none", "full")] + ["fsdp:selective"]
     results = _launch(tmp_path, data, checkpoint, 2, runs, "two")
     assert set(results) == set(runs)
     assert all(r["world"] == 2 for r in results.values())
@@ -74,7 +76,7 @@ def test_ddp_fsdp_tp_on_two_processes_match_one_process(parity_inputs):
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_fsdp_times_tp_on_four_processes_matches_one_process(parity_inputs):
     tmp_path, data, checkpoint, reference = parity_inputs
-    runs = ["fsdp_tp:none", "fsdp_tp:full"]
+    runs = ["fsdp_tp:none", "fsdp_tp:full", "fsdp_tp:selective"]
     results = _launch(tmp_path, data, checkpoint, 4, runs, "four")
     assert set(results) == set(runs)
     _assert_parity(tmp_path, results, reference)

@@ -14,9 +14,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+import llama_ft.loss
 from llama_ft import AdvancedParallelStrategy, CNNDailyMailDataModule, LlamaFineTuner
 from llama_ft.checkpoint.huggingface import full_state_dict
 from llama_ft.lora import LoraSettings
+
+llama_ft.loss.LOSS_CHUNK_TOKENS = 16  # rows of up to 64 tokens: the layouts without TP run the loss in chunks
 
 LAYOUTS = {
     "single": {},
@@ -53,7 +56,10 @@ def run(name: str, ac: str, args: argparse.Namespace) -> dict | None:
     if args.lora_r:  # adapters start from torch.initial_seed(): the same seed in every run
         L.seed_everything(0)
         lora = LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    module = NoExport(model_name_or_path=args.checkpoint, learning_rate=1e-2, hf_export_dir=None, lora=lora)
+    # 1e-3, not 1e-2: AdamW divides by sqrt(v), so at 1e-2 a gradient entry that is float32 rounding noise (loss
+    # parallelism sums the softmax over shards in another order) moves its weight by up to 1e-2 and the comparison
+    # measures that noise rather than the layout.
+    module = NoExport(model_name_or_path=args.checkpoint, learning_rate=1e-3, hf_export_dir=None, lora=lora)
     if name == "single":
         strategy, devices = "auto", 1
     else:

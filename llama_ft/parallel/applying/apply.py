@@ -24,18 +24,26 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.utils.checkpoint import create_selective_checkpoint_contexts
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.errors import PlanError
+from llama_ft.loss import install_loss_head
 from llama_ft.parallel.layout import ActivationCheckpointing, Layout
 
 log = logging.getLogger(__name__)
@@ -43,20 +51,32 @@ log = logging.getLogger(__name__)
 MESH_DIM_NAMES: tuple[str, str, str] = ("dp_replicate", "dp_shard", "tp")
 DATA_PARALLEL_DIM = "data_parallel"
 
-# Ops whose outputs selective checkpointing keeps: the matmuls and attention (expensive to recompute) and the TP
-# all-reduce (recomputing it would repeat the communication). Everything else — norms, SiLU, the SwiGLU product,
-# RoPE, residual adds, softmax in eager attention — is cheap and recomputed in backward.
-_SAC_SAVE_OPS: list[torch._ops.OpOverload] = [
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten.baddbmm.default,
+# Selective activation checkpointing, op by op (the policy torchtitan applies to Llama): within each checkpointed
+# layer keep every other matmul output (q, v, gate and down of the seven), attention's output and the TP
+# reduce-scatters (recomputing them would repeat the communication); recompute everything else in backward — the
+# other matmuls, norms, RoPE, SiLU and the SwiGLU product. About half the matmul recomputation of full checkpointing
+# for a fraction of its memory saving lost.
+_SAC_ATTENTION_OPS: frozenset[torch._ops.OpOverload] = frozenset({
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops._c10d_functional.all_reduce.default,
-]
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+})
+
+
+def _selective_contexts() -> tuple[Any, Any]:
+    """Fresh contexts per layer call: the matmul count belongs to one layer's forward and its recomputation, and
+    restarts for the recomputation so that both pick the same matmuls."""
+    counts = {False: 0, True: 0}
+
+    def save_every_other_matmul(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if op == torch.ops.aten.mm.default:
+            counts[ctx.is_recompute] += 1
+            return CheckpointPolicy.MUST_SAVE if counts[ctx.is_recompute] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in _SAC_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(save_every_other_matmul)
 
 
 def build_device_mesh(layout: Layout, device_type: str) -> DeviceMesh:
@@ -102,9 +122,12 @@ def apply_layout(
     mixed-precision policy (``None`` keeps the parameters' own dtype). With activation checkpointing the config's
     ``use_cache`` is switched off. State-dict keys stay those of the plain HF model (``state_dict()`` and the
     ``torch.distributed.checkpoint.state_dict`` APIs); ``named_parameters()`` of a checkpointed layer contain
-    ``_checkpoint_wrapped_module.``. Call it once per model.
+    ``_checkpoint_wrapped_module.``. The LM head becomes ``llama_ft.loss.ChunkedLossHead``: compute the loss with
+    ``llama_ft.loss.causal_lm_loss`` (HF's own loss cannot take TP's vocabulary-sharded logits). Call it once per
+    model.
     """
     _check_mesh(layout, mesh)
+    install_loss_head(model)  # before TP and FSDP wrap it: its loss runs inside the head's own (hooked) forward
     if layout.tp > 1:
         if any(".lora_A." in name for name, _ in model.named_parameters()):
             raise PlanError(f"layout {layout.describe()} uses tensor parallelism, which LoRA adapters do not support "
@@ -148,41 +171,52 @@ def check_tensor_parallel_fits(config: LlamaConfig, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: LlamaForCausalLM, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style TP on every decoder layer, plus a vocab-sharded embedding and LM head.
+    """Megatron-style TP with sequence parallelism on every decoder layer, and loss parallelism at the LM head.
 
-    Per layer: q/k/v and gate/up are column-wise (each rank owns whole heads / a slice of the MLP width), o and down
-    are row-wise (their outputs all-reduced), so each layer costs two all-reduces forward and two backward and the
-    norms stay replicated, unsplit plain tensors. No sequence parallelism: activations between layers stay whole.
+    Between TP regions the residual stream, the RMSNorms and their saved activations are split along the sequence
+    (``Shard(1)``): the embedding's partial sums are reduce-scattered over the sequence, each norm runs on its rank's
+    tokens (``SequenceParallel``), attention and the MLP all-gather their input (``PrepareModuleInput``), q/k/v and
+    gate/up are column-wise (whole heads / a slice of the MLP width per rank), and o and down are row-wise with
+    their outputs reduce-scattered back over the sequence. Same traffic as all-reduces, ``1/tp`` of the norm and
+    residual memory. The residual stream stays a DTensor with the global shape, so HF's model-level code (positions,
+    rotary tables, the causal mask) sees the whole sequence and any length works, odd ones and generation included.
 
-    Embedding: row-wise (vocab rows sharded, replicated output). Each rank looks up only its rows and the partial
-    results are summed; exactly one rank contributes a non-zero row per token, so the sum is exact.
-    LM head: column-wise with a ``Replicate()`` (all-gathered) plain-tensor output, so HF's own loss sees the full
-    logits and matches the unparallelized loss; loss-parallel would save ``(1 - 1/tp)`` of the logits memory but would
-    hand DTensor logits to HF's loss and to every caller. Both weights end ``Shard(0)`` on the vocab dim, which is
-    what keeps tied embeddings (Llama 3.2) tied: the LM head is re-pointed at the embedding's DTensor parameter.
+    Embedding: row-wise (vocabulary rows sharded; exactly one rank contributes a non-zero row per token, so the
+    reduce-scatter's sum is exact). LM head: column-wise with vocabulary-sharded DTensor logits that are never
+    gathered: ``llama_ft.loss`` runs the cross-entropy on the shards under ``loss_parallel``. Both weights end
+    ``Shard(0)`` on the vocab dim, which keeps tied embeddings (Llama 3.2) tied: the LM head is re-pointed at the
+    embedding's DTensor parameter.
     """
     check_tensor_parallel_fits(model.config, tp_mesh.size())
     tied = model.lm_head.weight is model.model.embed_tokens.weight
+    gather_sequence = {"input_layouts": (Shard(1),), "desired_input_layouts": (Replicate(),)}
     for layer in model.model.layers:
         parallelize_module(
             layer,
             tp_mesh,
             {
+                "input_layernorm": SequenceParallel(),
+                "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
                 "self_attn.q_proj": ColwiseParallel(),
                 "self_attn.k_proj": ColwiseParallel(),
                 "self_attn.v_proj": ColwiseParallel(),
-                "self_attn.o_proj": RowwiseParallel(),
+                "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                "post_attention_layernorm": SequenceParallel(),
+                "mlp": PrepareModuleInput(**gather_sequence),
                 "mlp.gate_proj": ColwiseParallel(),
                 "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel(),
+                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
             },
         )
     parallelize_module(
         model,
         tp_mesh,
         {
-            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),
+            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                  use_local_output=False),
+            "model.norm": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
         },
     )
     if tied:
@@ -192,9 +226,9 @@ def apply_tensor_parallel(model: LlamaForCausalLM, tp_mesh: DeviceMesh) -> None:
 def apply_activation_checkpointing(model: LlamaForCausalLM, mode: ActivationCheckpointing) -> None:
     """Wrap each decoder layer for activation checkpointing (non-reentrant ``torch.utils.checkpoint``).
 
-    ``full`` keeps only each layer's inputs and recomputes the whole layer in backward. ``selective`` recomputes
-    only cheap ops (see ``_SAC_SAVE_OPS``): it keeps most of the memory win on the elementwise tensors at a small
-    fraction of full recomputation's extra compute. The wrapper forwards ``*args, **kwargs`` unchanged, so HF's
+    ``full`` keeps only each layer's inputs and recomputes the whole layer in backward. ``selective`` keeps every other
+    matmul output and attention's (see ``_selective_contexts``) and recomputes the rest.
+    The wrapper forwards ``*args, **kwargs`` unchanged, so HF's
     keyword call (``position_embeddings``, ``attention_mask``, ``position_ids``, ``cache``) works as before, and
     it strips its ``_checkpoint_wrapped_module`` prefix from state-dict keys (not from ``model.named_parameters()``).
 
@@ -207,7 +241,7 @@ def apply_activation_checkpointing(model: LlamaForCausalLM, mode: ActivationChec
     model.config.use_cache = False
     checkpoint_kwargs = {}
     if mode == "selective":
-        checkpoint_kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _SAC_SAVE_OPS)
+        checkpoint_kwargs["context_fn"] = _selective_contexts
     layers = model.model.layers
     for index, layer in enumerate(layers):
         wrapped = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **checkpoint_kwargs)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.checkpoint.partial import load_partial_distributed_checkpoint
 from llama_ft.errors import ConfigError
+from llama_ft.loss import loss_backward_context
 from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
 from llama_ft.parallel.applying.clipping import MeshAwarePrecision, with_mesh_aware_clipping
 from llama_ft.parallel.applying.contract import PlannableData, PlannableModule, require
@@ -156,6 +157,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
             mean_tokens_per_row=getattr(rows, "mean", None),
             pads_to_max=bool(getattr(rows, "pads_to_max", False)),
             lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout),
+            fused_optimizer=self.root_device.type == "cuda",  # as LlamaFineTuner.configure_optimizers picks
         )
 
     def _module(self) -> PlannableModule:
@@ -215,6 +217,11 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         if self.lightning_module.strict_loading or not path.is_dir():
             return super().load_checkpoint(path, weights_only=weights_only)
         return load_partial_distributed_checkpoint(path, self.model, self.optimizers, weights_only)
+    def backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Under TP the loss's backward runs under ``loss_parallel`` (vocabulary-sharded logits, ``llama_ft.loss``)."""
+        assert self.plan_result is not None
+        with loss_backward_context(self.plan_result.chosen.layout.tp > 1):
+            return super().backward(closure_loss, *args, **kwargs)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -13,9 +13,10 @@ from llama_ft.parallel.planning.coefficients import CostCoefficients
 from llama_ft.parallel.planning.specs import ModelSpec
 
 
-def _shard(replicated: float, sharded: float, tp: int, coeffs: CostCoefficients) -> float:
-    """Head- and intermediate-sized tensors split by tp; hidden-sized ones only under sequence parallelism."""
-    return (replicated / tp if coeffs.sequence_parallel else replicated) + sharded / tp
+def _shard(replicated: float, sharded: float, tp: int, coeffs: CostCoefficients, gathered: float = 0.0) -> float:
+    """Head- and intermediate-sized tensors split by tp; hidden-sized ones between TP regions (norms, residual) only
+    under sequence parallelism; ``gathered`` ones (a TP region's all-gathered input) whole on every rank."""
+    return (replicated / tp if coeffs.sequence_parallel else replicated) + sharded / tp + gathered
 
 
 def rmsnorm_saved_bytes(hidden: int, compute_bytes: int) -> float:
@@ -30,17 +31,15 @@ def attention_saved_bytes(model: ModelSpec, tp: int, e: int, seq_len: int, coeff
     input: SDPA returns it in (b, s, heads, d) layout, so HF's transpose + contiguous copies nothing), the
     logsumexp, and with padding SDPA's per-layer additive mask copy."""
     kv_width = model.q_dim if coeffs.padding_mask else model.kv_dim
-    replicated = rmsnorm_saved_bytes(model.hidden_size, e) + e * model.hidden_size
     sharded = e * model.q_dim + 2 * e * kv_width + e * model.q_dim + 4 * model.num_heads
     mask = e * seq_len if coeffs.padding_mask else 0.0  # (b, 1, s, s): the same on every TP rank
-    return _shard(replicated, sharded, tp, coeffs) + mask
+    return _shard(rmsnorm_saved_bytes(model.hidden_size, e), sharded, tp, coeffs, e * model.hidden_size) + mask
 
 
 def mlp_saved_bytes(model: ModelSpec, tp: int, e: int, coeffs: CostCoefficients) -> float:
     """Per token: norm, gate/up input, then SwiGLU's gate out, silu(gate), up out and their product (4 × f)."""
-    replicated = rmsnorm_saved_bytes(model.hidden_size, e) + e * model.hidden_size
     sharded = 4 * e * model.intermediate_size
-    return _shard(replicated, sharded, tp, coeffs)
+    return _shard(rmsnorm_saved_bytes(model.hidden_size, e), sharded, tp, coeffs, e * model.hidden_size)
 
 
 def layer_saved_bytes_no_checkpointing(
@@ -51,13 +50,14 @@ def layer_saved_bytes_no_checkpointing(
 
 
 def layer_saved_bytes_selective(model: ModelSpec, tp: int, e: int, coeffs: CostCoefficients) -> float:
-    """Op-level selective checkpointing: keep the layer input and matmul/SDPA outputs, recompute norms,
-    RoPE, K/V repetition and SwiGLU's element-wise ops."""
-    kv_width = model.kv_dim  # k/v projections are saved before repetition; repetition is recomputed
-    replicated = 3 * e * model.hidden_size  # layer input, o_proj output, down_proj output
-    sharded = e * (model.q_dim + 2 * kv_width) + e * model.q_dim + 4 * model.num_heads
-    sharded += 2 * e * model.intermediate_size  # gate and up outputs
-    return _shard(replicated, sharded, tp, coeffs)
+    """Op-level selective checkpointing (``apply.py``): the layer input, every other matmul output (q, v, gate,
+    down), attention's output and logsumexp, and under TP the two reduce-scatter outputs; the rest is recomputed.
+    Under TP down's matmul output is the whole sequence's partial sum, saved before its reduce-scatter."""
+    h = model.hidden_size
+    sharded = e * (model.q_dim + model.kv_dim + model.intermediate_size) + e * model.q_dim + 4 * model.num_heads
+    if tp == 1:
+        return e * h + sharded + e * h
+    return _shard(3 * e * h, sharded, tp, coeffs, e * h)
 
 
 def layer_saved_bytes_full(model: ModelSpec, tp: int, e: int, coeffs: CostCoefficients) -> float:
@@ -66,8 +66,8 @@ def layer_saved_bytes_full(model: ModelSpec, tp: int, e: int, coeffs: CostCoeffi
 
 
 def head_saved_bytes(model: ModelSpec, tp: int, e: int, coeffs: CostCoefficients) -> float:
-    """Per token outside the layers: the final norm and the lm_head input."""
-    return _shard(rmsnorm_saved_bytes(model.hidden_size, e) + e * model.hidden_size, 0.0, tp, coeffs)
+    """Per token outside the layers: the final norm and the lm_head input (under TP its all-gathered input)."""
+    return _shard(rmsnorm_saved_bytes(model.hidden_size, e), 0.0, tp, coeffs, e * model.hidden_size)
 
 
 def saved_activation_bytes(
@@ -101,19 +101,28 @@ def recompute_activation_bytes(
 
 
 def logits_vocab(model: ModelSpec, layout: Layout, coeffs: CostCoefficients) -> float:
-    """Vocabulary entries per token on one rank: HF's TP plan gathers the logits, loss-parallel would not."""
+    """Vocabulary entries per token on one rank: loss parallelism keeps TP's logits sharded by vocabulary."""
     return model.vocab_size / layout.tp if coeffs.logits_sharded_by_tp else model.vocab_size
+
+
+def logits_tokens(layout: Layout, micro_batch: int, seq_len: int, coeffs: CostCoefficients) -> float:
+    """Tokens whose logits exist at once: one loss chunk without TP (``llama_ft/loss.py``), all of them under TP."""
+    tokens = micro_batch * seq_len
+    return tokens if layout.tp > 1 else min(tokens, coeffs.loss_chunk_tokens)
 
 
 def logits_forward_bytes(model: ModelSpec, layout: Layout, micro_batch: int, seq_len: int, e: int,
                          coeffs: CostCoefficients) -> float:
-    """s·b·V·(e + 4) at the end of forward: the compute-dtype logits the model returns and the fp32
-    log-probabilities HF's loss (fp32 upcast → log_softmax → nll) saves for backward."""
-    return micro_batch * seq_len * logits_vocab(model, layout, coeffs) * (e + 4)
+    """At the loss in forward: the compute-dtype logits, their fp32 upcast and the fp32 log-probabilities the
+    cross-entropy saves (for the last chunk only, freed right after, without TP)."""
+    upcast = 4 if e < 4 else 0
+    return logits_tokens(layout, micro_batch, seq_len, coeffs) * logits_vocab(model, layout, coeffs) * (e + 4 + upcast)
 
 
 def loss_backward_bytes(model: ModelSpec, layout: Layout, micro_batch: int, seq_len: int,
                         coeffs: CostCoefficients) -> float:
-    """s·b·V·4·3 as backward starts: the saved fp32 log-probabilities and, alive together with them, the fp32
-    gradients of the loss with respect to them and to the logits (the bf16 logits are already freed)."""
-    return micro_batch * seq_len * logits_vocab(model, layout, coeffs) * 4 * coeffs.loss_backward_fp32_copies
+    """As the loss's backward runs (chunk by chunk without TP, recomputed): fp32 log-probabilities and the fp32
+    gradients with respect to them and to the logits, alive together (loss parallel: one copy more)."""
+    tokens = logits_tokens(layout, micro_batch, seq_len, coeffs)
+    copies = coeffs.loss_parallel_backward_fp32_copies if layout.tp > 1 else coeffs.loss_backward_fp32_copies
+    return tokens * logits_vocab(model, layout, coeffs) * 4 * copies

@@ -25,13 +25,19 @@ class CostCoefficients:
     # SDPA keeps exactly this even unmasked (measured). False models unpadded/packed batches on GPU flash kernels
     # (is_causal, grouped K/V).
     padding_mask: bool = True
-    # Norms and residuals are replicated across TP ranks unless the TP plan uses sequence parallelism.
-    sequence_parallel: bool = False
-    # HF's TP plan gathers the logits (colwise_gather_output); loss-parallel would shard them by tp.
-    logits_sharded_by_tp: bool = False
+    # ``apply.py``'s TP plan is sequence parallel: norms and the residual stream are split along the sequence.
+    sequence_parallel: bool = True
+    # ``apply.py`` leaves the LM head's logits sharded by vocabulary and ``llama_ft/loss.py`` runs a loss-parallel
+    # cross-entropy on them.
+    logits_sharded_by_tp: bool = True
+    # Without TP ``llama_ft/loss.py`` runs the LM head and the loss this many tokens at a time (LOSS_CHUNK_TOKENS).
+    loss_chunk_tokens: int = 1024
     # fp32 copies of the b·s·V logits alive as backward starts: the log-probabilities log_softmax saved and the
     # gradients with respect to them and to the logits (simulated: 12 bytes per token per vocabulary entry).
     loss_backward_fp32_copies: int = 3
+    # The loss-parallel cross-entropy (torch's ``loss_parallel``) keeps one more: its saved fp32 log-probabilities
+    # beside three fp32 temporaries of the vocabulary shard (simulated, FSDP 4 × TP 2).
+    loss_parallel_backward_fp32_copies: int = 4
     # Gradients of one layer's activations are alive while that layer runs backward: ~ one layer's saved set.
     backward_transient_layers: float = 1.0
     # --- model states and buffers ----------------------------------------------------------------------
@@ -46,7 +52,8 @@ class CostCoefficients:
     # lookup's and their sum; TP adds DTensor redistribution copies of them.
     tied_embedding_grad_copies: float = 3.0
     tp_embedding_grad_extra_copies: float = 2.0
-    # foreach AdamW's temporaries: one more fp32 copy of the local parameters on top of the two moments.
+    # foreach AdamW's temporaries (the fine-tuner's choice on CPU): one more fp32 copy of the local parameters on
+    # top of the two moments (simulated). Fused AdamW (its choice on CUDA) updates in place and makes none.
     optimizer_step_copies: float = 1.0
     ddp_bucket_copy: bool = True  # DDP's default buckets duplicate the gradients (gradient_as_bucket_view=False)
     workspace_bytes: int = GiB // 2  # cuBLAS/NCCL workspaces and other allocations outside the model

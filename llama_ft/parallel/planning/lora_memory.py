@@ -111,8 +111,8 @@ def estimate_lora_memory(model: ModelSpec, train: TrainSpec, layout: Layout, mic
     upcast = 4 if e < 4 else 0
 
     def states(phase: str, grads: float, **terms: float) -> MemoryBreakdown:
-        values = dict(optimizer_state=moments, working_weights=0.0, activations=0.0, logits=0.0,
-                      communication_buffers=0.0) | terms
+        values = dict(adam_moments=moments, optimizer_temporaries=0.0, working_weights=0.0, activations=0.0,
+                      logits=0.0, communication_buffers=0.0) | terms
         return MemoryBreakdown(parameters=parameters, gradients=grads, phase=phase, **values)
 
     phases = [
@@ -124,8 +124,8 @@ def estimate_lora_memory(model: ModelSpec, train: TrainSpec, layout: Layout, mic
         states("layer backward", early_grads, working_weights=held if not fsdp else 0.0,
                activations=activations + recompute_activation_bytes(model, layout, b, s, e, coeffs),
                communication_buffers=coeffs.fsdp_prefetch_layers * layer if fsdp else 0.0),
-        states("optimizer step", adapter_grads,
-               optimizer_state=moments + coeffs.optimizer_step_copies * adapters * prec.master_bytes),
+        states("optimizer step", adapter_grads, optimizer_temporaries=0.0 if train.fused_optimizer
+               else coeffs.optimizer_step_copies * adapters * prec.master_bytes),
     ]
     peak = max(phases, key=lambda memory: memory.tensors)
     host = 0.0 if on_device else base * prec.master_bytes + adapters * (

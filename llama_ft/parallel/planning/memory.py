@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.activations import (
     logits_forward_bytes,
+    logits_tokens,
     logits_vocab,
     loss_backward_bytes,
     recompute_activation_bytes,
@@ -48,7 +49,8 @@ class MemoryBreakdown:
 
     parameters: float
     gradients: float
-    optimizer_state: float
+    adam_moments: float  # AdamW's two moments (exp_avg, exp_avg_sq)
+    optimizer_temporaries: float  # transient copies the optimizer step makes (foreach AdamW: one per parameter)
     working_weights: float  # gathered compute-dtype weights held across phases (root/LM-head group, autocast casts)
     activations: float
     logits: float
@@ -60,8 +62,8 @@ class MemoryBreakdown:
     @property
     def tensors(self) -> float:
         """Everything but the allowance: what the memory simulation measures."""
-        return (self.parameters + self.gradients + self.optimizer_state + self.working_weights + self.activations
-                + self.logits + self.communication_buffers)
+        return (self.parameters + self.gradients + self.adam_moments + self.optimizer_temporaries
+                + self.working_weights + self.activations + self.logits + self.communication_buffers)
 
     @property
     def total(self) -> float:
@@ -92,6 +94,7 @@ class StepShape:
     prec: PrecisionProfile
     coeffs: CostCoefficients
     accumulating: bool  # more than one micro-batch per step: sharded gradients live through every backward
+    fused_optimizer: bool = True  # fused AdamW (CUDA) steps in place; foreach (CPU) makes a copy of the parameters
 
     @property
     def local_params(self) -> float:
@@ -123,6 +126,15 @@ class StepShape:
             return self.device_params
         before_embedding = self.device_params - self.vocab_matrix_params / self.layout.dp_shard
         return done * before_embedding
+
+
+def chunked_head_grad_bytes(shape: StepShape) -> float:
+    """Without TP the loss runs chunk by chunk: from the second chunk's backward on, the LM head's compute-dtype
+    gradient accumulated so far sits beside the chunk's logits (simulated)."""
+    tokens = shape.micro_batch * shape.seq_len
+    if shape.layout.tp > 1 or tokens <= shape.coeffs.loss_chunk_tokens:
+        return 0.0
+    return shape.vocab_matrix_params * shape.prec.compute_bytes
 
 
 def held_weight_bytes(shape: StepShape, lm_head_done: bool = False) -> float:
@@ -169,7 +181,7 @@ def _states(
     phase: str,
     *,
     gradients: float = 0.0,
-    optimizer_state: float = 0.0,
+    optimizer_temporaries: float = 0.0,
     working_weights: float = 0.0,
     activations: float = 0.0,
     logits: float = 0.0,
@@ -181,7 +193,8 @@ def _states(
     return MemoryBreakdown(
         parameters=p * prec.master_bytes,
         gradients=grad_params * prec.grad_bytes + gradients,
-        optimizer_state=p * prec.optimizer_bytes + optimizer_state,
+        adam_moments=p * prec.optimizer_bytes,
+        optimizer_temporaries=optimizer_temporaries,
         working_weights=working_weights,
         activations=activations,
         logits=logits,
@@ -195,14 +208,11 @@ def forward_end_memory(shape: StepShape) -> MemoryBreakdown:
     log-probabilities, and the LM head gathered (an untied one still beside its all-gather buffer)."""
     e, c, model = shape.prec.compute_bytes, shape.coeffs, shape.model
     comm = ddp_bucket_bytes(shape) + tp_staging_bytes(shape) + lingering_gather_bytes(shape, backward_started=False)
-    upcast = 4 if e < 4 else 0
-    tokens_vocab = shape.micro_batch * shape.seq_len * logits_vocab(model, shape.layout, c)
     return _states(
         shape, shape.grad_params(0.0), "end of forward",
         working_weights=held_weight_bytes(shape),
         activations=saved_activation_bytes(model, shape.layout, shape.micro_batch, shape.seq_len, e, c),
-        logits=logits_forward_bytes(model, shape.layout, shape.micro_batch, shape.seq_len, e, c)
-        + tokens_vocab * upcast,
+        logits=logits_forward_bytes(model, shape.layout, shape.micro_batch, shape.seq_len, e, c),
         communication_buffers=comm,
     )
 
@@ -214,6 +224,7 @@ def loss_backward_memory(shape: StepShape) -> MemoryBreakdown:
     comm = lingering_gather_bytes(shape, backward_started=True) + ddp_bucket_bytes(shape) + tp_staging_bytes(shape)
     return _states(
         shape, shape.grad_params(0.0), "loss backward",
+        gradients=chunked_head_grad_bytes(shape),
         working_weights=held_weight_bytes(shape),
         activations=saved_activation_bytes(shape.model, shape.layout, shape.micro_batch, shape.seq_len, e, c),
         logits=loss_backward_bytes(shape.model, shape.layout, shape.micro_batch, shape.seq_len, c),
@@ -295,7 +306,8 @@ def lm_head_backward_memory(shape: StepShape) -> MemoryBreakdown:
         gradients=shape.vocab_matrix_params * e,
         working_weights=held_weight_bytes(shape),
         activations=saved_activation_bytes(model, shape.layout, shape.micro_batch, shape.seq_len, e, c),
-        logits=shape.micro_batch * shape.seq_len * logits_vocab(model, shape.layout, c) * e,
+        logits=logits_tokens(shape.layout, shape.micro_batch, shape.seq_len, c) * logits_vocab(model, shape.layout, c)
+        * e,
         communication_buffers=gathered + ddp_bucket_bytes(shape) + tp_staging_bytes(shape),
     )
 
@@ -338,9 +350,10 @@ def embedding_backward_memory(shape: StepShape) -> MemoryBreakdown:
 
 def optimizer_step_memory(shape: StepShape) -> MemoryBreakdown:
     """The optimizer step: sharded parameters, gradients and moments, plus the temporaries ``foreach`` AdamW makes
-    (one more fp32 copy of the local parameters), and nothing gathered."""
-    copy = shape.coeffs.optimizer_step_copies * shape.device_params * shape.prec.master_bytes
-    return _states(shape, shape.device_params, "optimizer step", optimizer_state=copy,
+    (one more fp32 copy of the local parameters; fused AdamW makes none), and nothing gathered."""
+    copies = 0.0 if shape.fused_optimizer else shape.coeffs.optimizer_step_copies
+    copy = copies * shape.device_params * shape.prec.master_bytes
+    return _states(shape, shape.device_params, "optimizer step", optimizer_temporaries=copy,
                    communication_buffers=ddp_bucket_bytes(shape))
 
 
@@ -379,7 +392,7 @@ def estimate_memory(
         return estimate_lora_memory(model, train, layout, micro_batch, coeffs)
     accumulation = train.global_batch_size // max(1, micro_batch * layout.dp_size)
     shape = StepShape(model, layout, micro_batch, train.seq_len, precision_profile(train.precision, coeffs), coeffs,
-                      accumulation > 1)
+                      accumulation > 1, train.fused_optimizer)
     peak = max((phase(shape) for phase in PHASES), key=lambda memory: memory.tensors)
     prec = shape.prec
     host = 0.0

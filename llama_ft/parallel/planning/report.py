@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 _MEMORY_COLUMNS = (
     ("parameters", "param"),
     ("gradients", "grad"),
-    ("optimizer_state", "optim"),
+    ("adam_moments", "adam"),
+    ("optimizer_temporaries", "optmp"),
     ("working_weights", "work"),
     ("activations", "acts"),
     ("logits", "logit"),

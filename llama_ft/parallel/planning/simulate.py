@@ -4,8 +4,8 @@ The real training step runs on fake tensors: a fake process group of ``layout.wo
 rank 0; collectives return without communicating), the model built on the meta device and parallelized by the same
 :func:`~llama_ft.parallel.applying.apply.apply_layout` that training uses, then materialized as fake tensors under
 ``FakeTensorMode``, and PyTorch's ``FSDPMemTracker`` counting every tensor FSDP, autograd and the optimizer allocate
-over two iterations (forward with labels → backward, once per micro-batch → AdamW step). This is the ground
-truth the planner's memory model is calibrated against.
+over two iterations (forward and ``llama_ft.loss``'s loss → backward, once per micro-batch → AdamW step). This is
+the ground truth the planner's memory model is calibrated against.
 
 Every layout kind works: DDP, FSDP, HSDP, TP and TP × data parallel (``apply_layout`` always ends in ``fully_shard``,
 which the tracker requires). CPU offload is refused: on a CPU-only simulation offloaded and device memory are the
@@ -80,6 +80,7 @@ class SimulationResult:
     wall_s: float = 0.0
     total_s: float = 0.0
     grad_accumulation: int = 1
+    optimizer: str = "fused"
 
     @property
     def peak_gib(self) -> float:
@@ -106,6 +107,10 @@ class _Request:
     attn_implementation: str
     grad_accumulation: int = 1
     lora: LoraSpec | None = None
+    optimizer: str = "fused"
+
+
+OPTIMIZER_KINDS = ("fused", "foreach")
 
 
 def simulate_peak_memory(
@@ -118,6 +123,7 @@ def simulate_peak_memory(
     attn_implementation: str = "sdpa",
     grad_accumulation: int = 1,
     lora: LoraSpec | None = None,
+    optimizer: str = "fused",
     timeout_s: float = 600.0,
 ) -> SimulationResult:
     """Simulate two training iterations of ``layout`` on a fake ``layout.world_size``-rank world; return rank 0's peak.
@@ -126,11 +132,12 @@ def simulate_peak_memory(
     (``bf16-mixed``: fp32 parameters, bf16 compute, fp32 gradient reduction). ``attn_implementation`` is HF's
     (``sdpa``, what training uses, or ``eager``, which materializes the s×s scores). ``grad_accumulation`` > 1 runs
     two micro-batches per optimizer step (see ``MAX_SIMULATED_MICRO_BATCHES``). ``lora`` injects peft adapters as
-    ``fit`` does (frozen base, only the adapters in the optimizer). Runs in a spawned child process
-    and raises ``TimeoutError`` after ``timeout_s`` and ``RuntimeError`` (with the child's traceback) if it fails.
+    ``fit`` does (frozen base, only the adapters in the optimizer). ``optimizer`` is the AdamW implementation:
+    ``fused`` (what the fine-tuner uses on CUDA) or ``foreach`` (on CPU). Runs in a spawned child process and raises
+    ``TimeoutError`` after ``timeout_s`` and ``RuntimeError`` (with the child's traceback) if it fails.
     """
     request = _make_request(config, layout, micro_batch_size, seq_len, precision, attn_implementation,
-                            grad_accumulation, lora)
+                            grad_accumulation, lora, optimizer)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -169,10 +176,13 @@ def _make_request(
     attn_implementation: str,
     grad_accumulation: int = 1,
     lora: LoraSpec | None = None,
+    optimizer: str = "fused",
 ) -> _Request:
     """Validate everything in the parent, so a bad argument fails fast with a clear message, not in the child."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} cannot be simulated; use one of {sorted(PRECISIONS)}.")
+    if optimizer not in OPTIMIZER_KINDS:
+        raise ConfigError(f"optimizer {optimizer!r} cannot be simulated; use one of {list(OPTIMIZER_KINDS)}.")
     if micro_batch_size < 1 or seq_len < 1 or grad_accumulation < 1:
         raise ConfigError(
             f"micro_batch_size, seq_len and grad_accumulation must be >= 1, got {micro_batch_size}, {seq_len} and "
@@ -191,7 +201,7 @@ def _make_request(
         )
     micro_batches = min(grad_accumulation, MAX_SIMULATED_MICRO_BATCHES)
     return _Request(llama_config, name, layout, micro_batch_size, seq_len, precision, attn_implementation,
-                    micro_batches, lora)
+                    micro_batches, lora, optimizer)
 
 
 def _child_main(request: _Request, sender: Connection) -> None:
@@ -265,6 +275,7 @@ def _simulate(request: _Request) -> SimulationResult:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaForCausalLM
 
+    from llama_ft.loss import causal_lm_loss, loss_backward_context
     from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
 
     torch.set_num_threads(1)  # fake tensors do no arithmetic; more threads only contend with the caller
@@ -292,17 +303,19 @@ def _simulate(request: _Request) -> SimulationResult:
         with FakeTensorMode(allow_non_fake_inputs=True):  # to_empty reads the meta tensors' shapes
             materialize(model, "cpu")
             model.train()
-            # foreach is what AdamW picks on CUDA; its temporaries are part of the real peak
+            # as the fine-tuner configures it: fused on CUDA (no temporaries), foreach on CPU (one fp32 copy)
+            fused = request.optimizer == "fused"
             trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused or None, foreach=not fused or None)
             input_ids = torch.randint(0, config.vocab_size, (request.micro_batch_size, request.seq_len))
             tracker = _tracker_ignoring_sharding_propagation(model, optimizer)
             tracker.track_inputs((input_ids,))
             with tracker:
                 for _ in range(ITERATIONS):
                     for _ in range(request.grad_accumulation):
-                        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-                        loss.backward()
+                        loss = causal_lm_loss(model, input_ids, input_ids)
+                        with loss_backward_context(layout.tp > 1):
+                            loss.backward()
                         tracker.reset_mod_stats()  # per-module stats only; the global peak keeps every pass
                     optimizer.step()
                     optimizer.zero_grad()
@@ -322,4 +335,5 @@ def _simulate(request: _Request) -> SimulationResult:
         breakdown=breakdown,
         wall_s=time.perf_counter() - start,
         grad_accumulation=request.grad_accumulation,
+        optimizer=request.optimizer,
     )

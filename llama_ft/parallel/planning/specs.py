@@ -395,6 +395,8 @@ class TrainSpec:
     # True when every row is padded to seq_len (compute runs on full rows however few tokens are real).
     pads_to_max: bool = False
     lora: LoraSpec | None = None  # None: full fine-tuning
+    # AdamW as the fine-tuner runs it: fused on CUDA (in place), foreach on CPU (a temporary copy of the parameters)
+    fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.global_batch_size < 1:

@@ -111,7 +111,8 @@ def verify_one(
     try:
         simulated = simulator(config, plan.layout, plan.micro_batch_size, result.train.seq_len,
                               precision=result.train.precision, grad_accumulation=plan.grad_accumulation,
-                              timeout_s=timeout_s, **({"lora": result.train.lora} if result.train.lora else {}))
+                              optimizer="fused" if result.train.fused_optimizer else "foreach", timeout_s=timeout_s,
+                              **({"lora": result.train.lora} if result.train.lora else {}))
     except (RuntimeError, TimeoutError) as err:
         return Verification(index + 1, plan, usable, plan.memory.allowance, failure=str(err).splitlines()[0])
     allowance = allowance_bytes(simulated.peak_bytes, coeffs)
