@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_ft.parallel.layout import Layout
@@ -180,6 +181,17 @@ def summarize_micro_batch_limits(rejected: tuple[Rejection, ...]) -> list[str]:
                 f"({r.micro_batch_size} needs {_gib(r.needed_bytes or 0)} GiB)"
             )
     return [f"{shape}: " + "; ".join(items) for shape, items in limits.items()]
+
+
+def format_plan_summary(result: PlanResult, report_path: Path, json_path: Path) -> str:
+    """What a fit log shows: the chosen layout with its memory and speed, and where the whole report went."""
+    rejected = len(summarize_rejections(result.rejected))
+    return "\n".join([
+        f"Plan for {result.cluster.describe()}:",
+        *_chosen_lines(result.chosen),
+        f"  report  {report_path} ({len(result.candidates)} feasible plans ranked, {rejected} layouts rejected); "
+        f"JSON {json_path}",
+    ])
 
 
 def format_plan_report(result: PlanResult, top: int = 10, max_rejected: int = 20) -> str:
