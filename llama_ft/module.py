@@ -14,6 +14,8 @@ from torchmetrics.text import Perplexity, ROUGEScore
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
+from llama_ft.checkpoint.model_card import TrainingRecord
+from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.errors import ConfigError
 from llama_ft.presets import resolve_llama_config
 
@@ -83,6 +85,8 @@ class LlamaFineTuner(L.LightningModule):
         self.save_hyperparameters()
         self.llama_config = resolve_llama_config(model_config, model_name_or_path)
         self.llama_config._attn_implementation = attn_implementation
+        # An exported directory says how it was prompted; the data module prompts the same way (None: the default).
+        self.prompt_format = read_prompt_format(model_name_or_path)
         self.model: LlamaForCausalLM | None = None
         self.val_loss = MeanMetric()
         self.val_perplexity = Perplexity(ignore_index=-100)
@@ -196,7 +200,7 @@ class LlamaFineTuner(L.LightningModule):
         if batch["filler"]:
             return []
         return [
-            {"id": i, "summary": s, "reference": r}
+            {"id": i, "summary": s} | ({} if r is None else {"reference": r})
             for i, s, r in zip(batch["ids"], summaries, batch["references"], strict=True)
         ]
 
@@ -246,10 +250,29 @@ class LlamaFineTuner(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self) -> None:
-        """Leave a Hugging Face directory (model + tokenizer) beside the checkpoints."""
+        """Leave a Hugging Face directory (model + tokenizer + model card) beside the checkpoints."""
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         out = self.hparams.hf_export_dir or str(Path(log_dir) / "hf_model")
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if save_hf_directory(self.model, tokenizer, out) is not None:
-            rank_zero_info(f"Hugging Face model written to {out}")
+        if save_hf_directory(self.model, tokenizer, out, self.training_record(),
+                             max_new_tokens=self.hparams.max_new_tokens) is not None:
+            rank_zero_info(f"Hugging Face model written to {out} (model card: {Path(out) / 'README.md'})")
+
+    def training_record(self) -> TrainingRecord:
+        """What the model card says about this run: recipe, steps, last validation loss, precision and layout."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        plan_result = getattr(trainer.strategy, "plan_result", None)
+        val_loss = trainer.callback_metrics.get("val_loss")
+        extra = {"trainer.precision": trainer.precision}
+        if plan_result is not None:
+            extra["parallel layout"] = plan_result.chosen.describe()
+        return TrainingRecord(
+            model_hparams=dict(self.hparams),
+            data_hparams=dict(getattr(datamodule, "hparams", {}) or {}),
+            steps=trainer.global_step,
+            val_loss=None if val_loss is None else float(val_loss),
+            extra_settings=extra,
+            prompt=self.prompt_format or DEFAULT_PROMPT,
+        )

@@ -91,7 +91,8 @@ def _ratio(measured: float, predicted: float) -> str:
 def comparison_lines(title: str, measured: dict[str, Any], plan: Plan | None, seq_len: int) -> list[str]:
     """A few aligned lines: predicted vs measured step time, tokens/s per device, MFU and peak memory."""
     fill = measured["row_fill"]
-    note = f"; rows held {fill:.0%} of the {seq_len} tokens the plan assumes" if fill is not None else ""
+    note = "" if fill is None else f"; real tokens filled {fill:.0%} of the rows' {seq_len} positions"
+    note += ", the plan assumes full rows" if fill is not None and plan is not None else ""
     lines = [f"{title} ({measured['optimizer_steps']} optimizer steps after {measured['warmup_steps_excluded']} "
              f"warm-up step(s){note}):"]
     rows = [

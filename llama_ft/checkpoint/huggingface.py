@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
 from llama_ft.errors import ConfigError
 
 _SINGLE_FILE = "model.safetensors"
@@ -70,9 +71,14 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_hf_directory(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    record: TrainingRecord | None = None,
+    max_new_tokens: int = 128,
 ) -> Path | None:
-    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``.
+    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``, with a
+    model card, generation settings and the prompt (``model_card``; ``record`` says what the run was).
 
     Collective when the model is sharded: every rank must call it; rank 0 writes.
     """
@@ -84,4 +90,5 @@ def save_hf_directory(
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    write_model_card(out, model.config, tokenizer, record or TrainingRecord(), max_new_tokens)
     return out

@@ -17,7 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
 from llama_ft.checkpoint.huggingface import save_hf_directory
+from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
+from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
 from llama_ft.presets import resolve_llama_config
@@ -78,6 +80,30 @@ def resolve_tokenizer(
         return None, f"the run's tokenizer {name!r} cannot be loaded here ({err}); pass --tokenizer to add one"
 
 
+def _last_validation_loss(checkpoint: LightningCheckpoint) -> float | None:
+    """The val_loss a ModelCheckpoint that monitors it saw last (its state is in every checkpoint it writes)."""
+    for key, state in (checkpoint.metadata.get("callbacks") or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val_loss":
+            score = state.get("current_score")
+            if score is not None:
+                return float(score)
+    return None
+
+
+def training_record(checkpoint: LightningCheckpoint, recipe: Namespace) -> TrainingRecord:
+    """The model card's facts: the checkpoint's hyper-parameters (else the recipe's), its step and last val_loss."""
+    model = checkpoint.metadata.get("hyper_parameters") or recipe.model.as_dict()
+    data = checkpoint.metadata.get("datamodule_hyper_parameters") or recipe.data.as_dict()
+    step = checkpoint.metadata.get("global_step")
+    return TrainingRecord(
+        model_hparams=dict(model),
+        data_hparams=dict(data),
+        steps=None if step is None else int(step),
+        val_loss=_last_validation_loss(checkpoint),
+        prompt=read_prompt_format(model.get("model_name_or_path")) or DEFAULT_PROMPT,
+    )
+
+
 def _check_output(out: Path, ckpt: Path) -> None:
     """Refuse to replace anything but an earlier export: the output directory is swapped in whole."""
     if out.resolve() == ckpt.resolve():
@@ -102,7 +128,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace,
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
-    save_hf_directory(model, hf_tokenizer, partial)
+    record = training_record(checkpoint, recipe)
+    save_hf_directory(model, hf_tokenizer, partial, record,
+                      max_new_tokens=int(record.model_hparams.get("max_new_tokens") or 128))
     publish(partial, out)
     return out, note
 
