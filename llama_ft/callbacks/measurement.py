@@ -85,7 +85,7 @@ def measured_values(clock: StepClock, warmup_steps: int, devices_per_replica: in
 
 
 def _ratio(measured: float, predicted: float) -> str:
-    return f"(×{measured / predicted:.2f})" if predicted else ""
+    return f"(×{measured / predicted:.3g})" if predicted else ""
 
 
 def comparison_lines(title: str, measured: dict[str, Any], plan: Plan | None, seq_len: int) -> list[str]:

@@ -170,9 +170,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
         plan: Plan | None = result.chosen if result is not None else None
         if plan is not None:
             measured["measured_over_predicted"] = {
-                "step_time": round(measured["step_time_s"] / plan.step_time_s, 3),
-                "tokens_per_s_per_device": round(measured["tokens_per_s_per_device"] / plan.tokens_per_s_per_device,
-                                                 3),
+                "step_time": float(f"{measured['step_time_s'] / plan.step_time_s:.4g}"),
+                "tokens_per_s_per_device": float(
+                    f"{measured['tokens_per_s_per_device'] / plan.tokens_per_s_per_device:.4g}"),
             }
         lines = comparison_lines(title if plan else title.replace("Plan vs run", "Measured"), measured, plan,
                                  self.seq_len)
