@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,12 @@ class TrainingRecord:
         return found | self.extra_settings
 
 
+def _hub_id(name: Any) -> str | None:
+    """``owner/name`` when it names a Hub repository rather than a local path (for the card's YAML header)."""
+    text = str(name or "")
+    return text if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).expanduser().exists() else None
+
+
 def _generation_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int | None]:
     if tokenizer is None or tokenizer.eos_token_id is None:
         return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -80,8 +87,10 @@ def model_card_text(record: TrainingRecord, ids: dict[str, int | None], tokenize
     base = model.get("model_name_or_path")
     base_line = f"`{base}`" if base else f"random initialization, architecture `{model.get('model_config')}`"
     header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, summarization]"]
-    if base and not Path(str(base)).expanduser().is_absolute():
+    if _hub_id(base):
         header.append(f"base_model: {base}")
+    if _hub_id(data.get("dataset")):
+        header.append(f"datasets: [{data['dataset']}]")
     header.append("---")
     prompt = record.prompt
     template = "{bos}" + prompt.prefix + "{article}" + prompt.suffix
