@@ -12,6 +12,8 @@ from torchmetrics import MeanMetric
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import full_state_dict, load_full_weights, save_hf_directory
+from llama_ft.checkpoint.model_card import TrainingRecord
+from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.errors import ConfigError
 from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key, merged_model
 from llama_ft.loss import IGNORE_INDEX, causal_lm_loss, gathered_logits, install_loss_head
@@ -104,6 +106,8 @@ class LlamaFineTuner(L.LightningModule):
         self.strict_loading = self.lora is None
         self.llama_config = resolve_llama_config(model_config, model_name_or_path)
         self.llama_config._attn_implementation = attn_implementation
+        # An exported directory says how it was prompted; the data module prompts the same way (None: the default).
+        self.prompt_format = read_prompt_format(model_name_or_path)
         self.model: LlamaForCausalLM | None = None
         self.val_loss = MeanMetric()
         self.val_perplexity = MeanPerplexity()
@@ -239,7 +243,7 @@ class LlamaFineTuner(L.LightningModule):
         if batch["filler"]:
             return []
         return [
-            {"id": i, "summary": s, "reference": r}
+            {"id": i, "summary": s} | ({} if r is None else {"reference": r})
             for i, s, r in zip(batch["ids"], summaries, batch["references"], strict=True)
         ]
 
@@ -290,7 +294,7 @@ class LlamaFineTuner(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self) -> None:
-        """Leave a Hugging Face directory (model + tokenizer) beside the checkpoints."""
+        """Leave a Hugging Face directory (model + tokenizer + model card) beside the checkpoints."""
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         out = self.hparams.hf_export_dir or str(Path(log_dir) / "hf_model")
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -301,8 +305,9 @@ class LlamaFineTuner(L.LightningModule):
             if self.global_rank != 0:
                 return
             model = merged_model(self.llama_config, state, self.lora, self.hparams.model_name_or_path)
-        if save_hf_directory(model, tokenizer, out) is not None:
-            rank_zero_info(f"Hugging Face model written to {out}")
+        if save_hf_directory(model, tokenizer, out, self.training_record(),
+                             max_new_tokens=self.hparams.max_new_tokens) is not None:
+            rank_zero_info(f"Hugging Face model written to {out} (model card: {Path(out) / 'README.md'})")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With LoRA on a pretrained base, keep only what training changes: the adapters (their optimizer state is
@@ -311,3 +316,21 @@ class LlamaFineTuner(L.LightningModule):
             return
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)}
         checkpoint["lora_base"] = self.hparams.model_name_or_path
+
+    def training_record(self) -> TrainingRecord:
+        """What the model card says about this run: recipe, steps, last validation loss, precision and layout."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        plan_result = getattr(trainer.strategy, "plan_result", None)
+        val_loss = trainer.callback_metrics.get("val_loss")
+        extra = {"trainer.precision": trainer.precision}
+        if plan_result is not None:
+            extra["parallel layout"] = plan_result.chosen.describe()
+        return TrainingRecord(
+            model_hparams=dict(self.hparams),
+            data_hparams=dict(getattr(datamodule, "hparams", {}) or {}),
+            steps=trainer.global_step,
+            val_loss=None if val_loss is None else float(val_loss),
+            extra_settings=extra,
+            prompt=self.prompt_format or DEFAULT_PROMPT,
+        )

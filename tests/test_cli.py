@@ -27,9 +27,11 @@ def test_fit_validate_test_predict_on_the_embedded_default(tmp_path, capsys):
     out = capsys.readouterr().out
     for metric in ("test_loss", "test_rouge1", "test_rouge2", "test_rougeL", "test_rougeLsum"):
         assert metric in out
-    predictions = tmp_path / "predictions.jsonl"
-    _run("predict", tmp_path, "--trainer.fast_dev_run=1",
-         f"--trainer.callbacks.init_args.output_path={predictions}")
+    assert (tmp_path / "hf" / "README.md").is_file() and (tmp_path / "hf" / "llama_ft_prompt.json").is_file()
+    _run("predict", tmp_path, "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false")
+    # Into the run's own version directory, beside the config.yaml it saved.
+    (predictions,) = tmp_path.glob("tiny/version_*/predictions.jsonl")
+    assert (predictions.parent / "config.yaml").is_file()
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert rows and set(rows[0]) == {"id", "summary", "reference"}
     assert len({r["id"] for r in rows}) == len(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from llama_ft.checkpoint.model_card import DIRECTORY_PLACEHOLDER
 from llama_ft.cli import main
+from llama_ft.data.prompt import DEFAULT_PROMPT, PROMPT_FILENAME, read_prompt_format, tokenize_prompts
+from llama_ft.data.sources import load_tokenizer
 from llama_ft.presets import PRESETS_DIR
 from tests.helpers import REPO_ROOT, free_port
 
@@ -64,6 +68,10 @@ def _assert_round_trip(root: Path, expect_sharded: bool) -> Path:
     out = root / "exported"
     assert main(["export", "--ckpt", str(last), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    for directory in (out, root / "trained_hf"):  # llama-ft export and the export at the end of fit
+        card = (directory / "README.md").read_text()
+        assert "| training | 4 optimizer steps |" in card and "| final validation loss | " in card, card
+        assert read_prompt_format(directory) == DEFAULT_PROMPT
     assert torch.equal(_logits(out), _logits(root / "trained_hf"))
     assert not list(last.parent.glob(".*.partial")), "a save left its partial behind"
     return out
@@ -153,3 +161,40 @@ def test_recipe_supplies_the_model_when_the_checkpoint_has_no_hyper_parameters(t
     exported = LlamaForCausalLM.from_pretrained(out)
     for key, value in model.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key
+
+
+def test_export_explains_itself_and_its_card_code_generates_a_summary(tmp_path):
+    """Model card with the run's facts, generation settings with the tokenizer's ids, the prompt; the card's
+    transformers code runs as written and prompts exactly as llama_ft trained."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaForCausalLM.config_class.from_json_file(PRESETS_DIR / "llama-tiny.json"))
+    checkpoint_path = _lightning_file(
+        tmp_path / "run.ckpt",
+        state_dict={f"model.{k}": v for k, v in model.state_dict().items()},
+        hyper_parameters={"model_config": "llama-tiny", "learning_rate": 0.003, "max_new_tokens": 5},
+        datamodule_hyper_parameters={"dataset": "sample", "tokenizer": "sample", "max_length": 128},
+        global_step=7,
+        callbacks={"ModelCheckpoint{'monitor': 'val_loss'}": {"monitor": "val_loss",
+                                                            "current_score": torch.tensor(2.5)}},
+    )
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(checkpoint_path), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    for fact in ("random initialization, architecture `llama-tiny`", "bundled synthetic", "| training | 7 optimizer",
+                 "| final validation loss | 2.5000", "ROUGE | not measured", "`model.learning_rate`: 0.003",
+                 "`data.max_length`: 128", "{bos}[SUMMARIZE] {article} [/SUMMARIZE]\\n", PROMPT_FILENAME):
+        assert fact in card, fact
+    tokenizer = load_tokenizer("sample")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["max_new_tokens"] == 5
+    assert generation["pad_token_id"] not in (None, 0) and generation["do_sample"] is False
+    assert read_prompt_format(out) == DEFAULT_PROMPT
+
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    namespace: dict = {}
+    exec(code.replace(DIRECTORY_PLACEHOLDER, str(out)), namespace)
+    prompt_ids = namespace["inputs"]["input_ids"][0].tolist()
+    assert prompt_ids == tokenize_prompts({"article": [namespace["article"]]}, tokenizer, 10_000,
+                                          DEFAULT_PROMPT)["input_ids"][0]
+    generated = namespace["output"].shape[1] - len(prompt_ids)
+    assert 1 <= generated <= 5 and isinstance(namespace["summary"], str)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
 from llama_ft.errors import ConfigError
 from llama_ft.outputs import mark_output_dir
 
@@ -77,9 +78,14 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_hf_directory(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    record: TrainingRecord | None = None,
+    max_new_tokens: int = 128,
 ) -> Path | None:
-    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``.
+    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``, with a
+    model card, generation settings and the prompt (``model_card``; ``record`` says what the run was).
 
     Collective when the model is sharded: every rank must call it; rank 0 writes.
     """
@@ -91,5 +97,6 @@ def save_hf_directory(
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    mark_output_dir(out)
+    write_model_card(out, model.config, tokenizer, record or TrainingRecord(), max_new_tokens)
+    mark_output_dir(out)  # after every file: it also gives them the user's normal permissions
     return out

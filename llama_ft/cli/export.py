@@ -18,7 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
 from llama_ft.checkpoint.huggingface import read_safetensors, save_hf_directory
+from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
+from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
 from llama_ft.lora import LoraSettings, build_peft_model, to_hf_names
@@ -100,6 +102,30 @@ def lora_peft_model(checkpoint: LightningCheckpoint, weights: dict[str, torch.Te
     return build_peft_model(config, base, adapters, settings, base_name)
 
 
+def _last_validation_loss(checkpoint: LightningCheckpoint) -> float | None:
+    """The val_loss a ModelCheckpoint that monitors it saw last (its state is in every checkpoint it writes)."""
+    for key, state in (checkpoint.metadata.get("callbacks") or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val_loss":
+            score = state.get("current_score")
+            if score is not None:
+                return float(score)
+    return None
+
+
+def training_record(checkpoint: LightningCheckpoint, recipe: Namespace) -> TrainingRecord:
+    """The model card's facts: the checkpoint's hyper-parameters (else the recipe's), its step and last val_loss."""
+    model = checkpoint.metadata.get("hyper_parameters") or recipe.model.as_dict()
+    data = checkpoint.metadata.get("datamodule_hyper_parameters") or recipe.data.as_dict()
+    step = checkpoint.metadata.get("global_step")
+    return TrainingRecord(
+        model_hparams=dict(model),
+        data_hparams=dict(data),
+        steps=None if step is None else int(step),
+        val_loss=_last_validation_loss(checkpoint),
+        prompt=read_prompt_format(model.get("model_name_or_path")) or DEFAULT_PROMPT,
+    )
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, tokenizer: str | None = None,
                       overwrite: bool = False, adapter_only: bool = False) -> tuple[Path, str | None]:
     """Write the Hugging Face directory; returns it and a note when no tokenizer could be included.
@@ -123,8 +149,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
+    record = training_record(checkpoint, recipe)
+    max_new_tokens = int(record.model_hparams.get("max_new_tokens") or 128)
     if settings is None:
-        save_hf_directory(build_model(config, weights, ckpt), hf_tokenizer, partial)
+        save_hf_directory(build_model(config, weights, ckpt), hf_tokenizer, partial, record, max_new_tokens)
     else:
         peft_model = lora_peft_model(checkpoint, weights, config, settings, ckpt)
         if adapter_only:
@@ -133,7 +161,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
                 hf_tokenizer.save_pretrained(partial)
             mark_output_dir(partial)
         else:
-            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial)
+            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial, record, max_new_tokens)
     publish(partial, out)
     return out, note
 

@@ -245,6 +245,7 @@ class Collator:
             "prompt_ids": prompt_ids,
             "prompt_attention_mask": prompt_mask,
             "ids": [ex["id"] for ex in examples],
-            "references": [ex["highlights"].strip() for ex in examples],
+            # A user's own articles (predict_file) come without reference summaries.
+            "references": [ex["highlights"].strip() if "highlights" in ex else None for ex in examples],
             "filler": filler,
         }

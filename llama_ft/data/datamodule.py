@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from llama_ft.data.articles import check_articles_file, read_articles
 from llama_ft.data.batching import (
     BATCHING_MODES,
     BatchingMode,
@@ -18,7 +19,15 @@ from llama_ft.data.batching import (
     MicroBatchSampler,
 )
 from llama_ft.data.lengths import RowTokens, expected_row_tokens
-from llama_ft.data.prompt import choose_pad_token_id, summary_budget_error, template_tokens, tokenize_examples
+from llama_ft.data.prompt import (
+    DEFAULT_PROMPT,
+    PromptFormat,
+    choose_pad_token_id,
+    summary_budget_error,
+    template_tokens,
+    tokenize_examples,
+    tokenize_prompts,
+)
 from llama_ft.data.sources import load_splits, load_tokenizer
 from llama_ft.errors import ConfigError, DataError
 from llama_ft.global_batch import grad_accumulation
@@ -28,6 +37,7 @@ _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "t
 # Bumped whenever tokenize_examples changes what it writes, so stale caches are never reused.
 _TOKENIZATION_VERSION = "1"
 _EARLY_CHECK_ROWS = 64
+_USER_ARTICLES = "articles"  # the split name of ``predict_file``'s articles
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -59,6 +69,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         min_article_tokens: examples whose summary leaves less room than this for the article are dropped.
         num_proc: processes for tokenization (``Dataset.map``).
         cache_dir: where ``datasets`` keeps Arrow files and the tokenization cache (default: its own).
+        predict_file: the user's own articles for ``predict`` instead of the test split: JSON lines (``article``,
+            optional ``id``) or text, one article per line (``llama_ft.data.articles``). Other commands ignore it.
     """
 
     def __init__(
@@ -77,6 +89,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         num_proc: PositiveInt | None = None,
         cache_dir: str | None = None,
         seed: int = 42,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         if batching not in BATCHING_MODES:
@@ -89,6 +102,8 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             raise ConfigError("data.micro_batch_size and data.global_batch_size must be positive.")
         if max_examples_per_split is not None and max_examples_per_split < 1:
             raise ConfigError(f"data.max_examples_per_split={max_examples_per_split} must be at least 1 (or unset).")
+        if predict_file is not None:
+            check_articles_file(predict_file)
         self.save_hyperparameters()
         self.dataset = dataset
         self.tokenizer_name = tokenizer
@@ -104,6 +119,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = cache_dir
         self.seed = seed
+        self.predict_file = predict_file
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._pad_token_id: int | None = None  # each computed once per tokenizer: seconds with a 128k vocabulary
         self._tokenizer_hash: str | None = None
@@ -143,6 +159,15 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             self._pad_token_id = choose_pad_token_id(self.tokenizer)
         return self._pad_token_id
 
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The attached model's prompt (an exported directory stores the one it was trained with), else the default."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "prompt_format", None) or DEFAULT_PROMPT
+
+    def _predicting_file(self) -> bool:
+        return self.predict_file is not None and self.trainer is not None and self.trainer.state.fn == "predict"
+
     def _check_model_accepts(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Let the attached model refuse the tokenizer (e.g. too large a vocabulary) before any tokenizing."""
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -152,11 +177,17 @@ class CNNDailyMailDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
-        """Tokenize every split once on the first process of each node; the others then read the cache."""
-        for split in ("train", "validation", "test"):
+        """Tokenize every split once on the first process of each node; the others then read the cache.
+
+        Predicting the user's own articles needs none of the data set (it may not even be on this machine).
+        """
+        for split in () if self._predicting_file() else ("train", "validation", "test"):
             self._tokenized(split, announce=False)
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.predict_file is not None:
+            self.splits[_USER_ARTICLES] = self._tokenized_articles()
+            return
         for split in _STAGE_SPLITS[stage]:
             self.splits[split] = self._tokenized(split, announce=True)
         if stage == "fit" and self.trainer is not None:
@@ -169,7 +200,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         self._check_budget(raw, split)
         fingerprint = Hasher.hash(
             (raw._fingerprint, self._tokenizer_identity(), self.max_length, self.min_article_tokens,
-             _TOKENIZATION_VERSION)
+             _TOKENIZATION_VERSION, self.prompt_format)
         )
         tokenized = raw.map(
             tokenize_examples,
@@ -179,6 +210,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
                 "tokenizer": self.tokenizer,
                 "max_length": self.max_length,
                 "min_article_tokens": self.min_article_tokens,
+                "prompt": self.prompt_format,
             },
             remove_columns=["article"],
             new_fingerprint=fingerprint,
@@ -219,6 +251,13 @@ class CNNDailyMailDataModule(L.LightningDataModule):
             rank_zero_warn(f"{len(raw) - len(kept)} of {len(raw)} {split} rows of {self.dataset!r} dropped: their "
                            "article or highlights is missing or blank.")
         return kept
+    def _tokenized_articles(self) -> datasets.Dataset:
+        """The user's articles as prompts (small: tokenized in memory, never cached)."""
+        rows = read_articles(self.predict_file)
+        batch = {"article": [r["article"] for r in rows]}
+        prompts = tokenize_prompts(batch, self.tokenizer, self.max_length, self.prompt_format)
+        rank_zero_info(f"Summarizing {len(rows)} article(s) from {self.predict_file}")
+        return datasets.Dataset.from_dict({"id": [r["id"] for r in rows], **prompts})
 
     def _tokenizer_identity(self) -> str:
         """A stable hash of the tokenizer's behaviour (its full definition), for the cache fingerprint; once per run."""
@@ -228,7 +267,7 @@ class CNNDailyMailDataModule(L.LightningDataModule):
 
     def _check_budget(self, raw: datasets.Dataset, split: str) -> None:
         """Fail before tokenizing the split when max_length cannot hold template + summary of its first rows."""
-        pieces = template_tokens(self.tokenizer)
+        pieces = template_tokens(self.tokenizer, self.prompt_format)
         head = raw.select(range(min(_EARLY_CHECK_ROWS, len(raw))))
         summaries = self.tokenizer([h.strip() for h in head["highlights"]], add_special_tokens=False)["input_ids"]
         for example_id, summary in zip(head["id"], summaries, strict=True):
@@ -360,4 +399,5 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         return self._loader("test", train=False, generation=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False, generation=True)
+        split = _USER_ARTICLES if self.predict_file is not None else "test"
+        return self._loader(split, train=False, generation=True)

@@ -7,8 +7,10 @@ batching time, so the ``loss_on`` choice never invalidates the tokenization cach
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,6 +18,51 @@ from llama_ft.errors import ConfigError, DataError
 
 PROMPT_OPEN = "[SUMMARIZE] "
 PROMPT_CLOSE = " [/SUMMARIZE]\n"
+# Written into every exported Hugging Face directory; ``predict`` on such a directory prompts as it says.
+PROMPT_FILENAME = "llama_ft_prompt.json"
+PROMPT_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The text around an article: ``<bos>{prefix}{article}{suffix}`` and the model continues with the summary."""
+
+    prefix: str = PROMPT_OPEN
+    suffix: str = PROMPT_CLOSE
+
+    def to_json(self, tokenizer: PreTrainedTokenizerBase | None) -> dict:
+        """The machine-readable form stored beside an exported model (see ``read_prompt_format``)."""
+        return {
+            "llama_ft_prompt_version": PROMPT_FILE_VERSION,
+            "task": "summarization",
+            "template": "{bos}" + self.prefix + "{article}" + self.suffix,
+            "prefix": self.prefix,
+            "suffix": self.suffix,
+            "bos_token": getattr(tokenizer, "bos_token", None),
+            "eos_token": getattr(tokenizer, "eos_token", None),
+            "article_leading_space": True,
+            "summary_ends_with": "eos_token",
+        }
+
+
+DEFAULT_PROMPT = PromptFormat()
+
+
+def read_prompt_format(directory: str | Path | None) -> PromptFormat | None:
+    """The prompt an exported directory was trained with, or None when it holds no ``llama_ft_prompt.json``."""
+    if directory is None or not (Path(directory).expanduser() / PROMPT_FILENAME).is_file():
+        return None
+    path = Path(directory).expanduser() / PROMPT_FILENAME
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not readable JSON ({err}); re-export the model or delete the file.") from None
+    if not isinstance(content, dict) or content.get("llama_ft_prompt_version") != PROMPT_FILE_VERSION or not all(
+        isinstance(content.get(key), str) for key in ("prefix", "suffix")
+    ):
+        raise ConfigError(f"{path} is not a version-{PROMPT_FILE_VERSION} llama_ft prompt (string 'prefix' and "
+                          "'suffix' expected); re-export the model with this version of llama_ft.")
+    return PromptFormat(prefix=content["prefix"], suffix=content["suffix"])
 
 
 @dataclass(frozen=True)
@@ -32,14 +79,15 @@ class PromptTokens:
         return len(self.head) + len(self.close) + 1
 
 
-def template_tokens(tokenizer: PreTrainedTokenizerBase) -> PromptTokens:
+def template_tokens(tokenizer: PreTrainedTokenizerBase, prompt: PromptFormat = DEFAULT_PROMPT) -> PromptTokens:
     if tokenizer.eos_token_id is None:
         raise ConfigError(
             f"tokenizer {tokenizer.name_or_path!r} has no EOS token; the summary must end with the model's real "
             "end-of-sequence token. Use a tokenizer that defines eos_token."
         )
-    head = tokenizer(PROMPT_OPEN.rstrip(" "), add_special_tokens=True)["input_ids"]
-    close = tokenizer(PROMPT_CLOSE, add_special_tokens=False)["input_ids"]
+    # The prefix's trailing space goes with the article (" " + article), as when the whole prompt is one string.
+    head = tokenizer(prompt.prefix.rstrip(" "), add_special_tokens=True)["input_ids"]
+    close = tokenizer(prompt.suffix, add_special_tokens=False)["input_ids"]
     return PromptTokens(head=head, close=close, eos=tokenizer.eos_token_id)
 
 
@@ -56,13 +104,14 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     min_article_tokens: int,
+    prompt: PromptFormat = DEFAULT_PROMPT,
 ) -> dict[str, list]:
     """Batched ``Dataset.map`` function: returns ``input_ids``, ``prompt_length`` and ``length``.
 
     Examples whose template and summary leave fewer than ``min_article_tokens`` for the article get length 0;
     the caller filters them out and reports how many.
     """
-    pieces = template_tokens(tokenizer)
+    pieces = template_tokens(tokenizer, prompt)
     # The article keeps its leading space so BPE merges match tokenizing the whole prompt as one string.
     articles = tokenizer([" " + a.strip() for a in batch["article"]], add_special_tokens=False)["input_ids"]
     summaries = tokenizer([h.strip() for h in batch["highlights"]], add_special_tokens=False)["input_ids"]
@@ -79,6 +128,20 @@ def tokenize_examples(
         prompt_lengths.append(len(prompt))
         lengths.append(len(prompt) + len(summary) + 1)
     return {"input_ids": input_ids, "prompt_length": prompt_lengths, "length": lengths}
+
+
+def tokenize_prompts(
+    batch: dict[str, Sequence[str]], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat
+) -> dict[str, list]:
+    """Prompts alone (articles to summarize, no reference): the article is cut so the prompt fits ``max_length``."""
+    pieces = template_tokens(tokenizer, prompt)
+    room = max_length - len(pieces.head) - len(pieces.close)
+    if room < 1:
+        raise ConfigError(f"data.max_length={max_length} leaves no room for an article in the prompt; raise it.")
+    articles = tokenizer([" " + a.strip() for a in batch["article"]], add_special_tokens=False)["input_ids"]
+    prompts = [pieces.head + article[:room] + pieces.close for article in articles]
+    lengths = [len(p) for p in prompts]
+    return {"input_ids": prompts, "prompt_length": lengths, "length": lengths}
 
 
 def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,16 @@ def test_advanced_fits_the_embedded_default_on_two_processes(tmp_path):
     assert (plan["chosen"]["dp_replicate"], plan["chosen"]["dp_shard"], plan["chosen"]["tp"]) == (2, 1, 1)
     assert plan["candidates"][0] == plan["chosen"] and plan["rejected"] is not None
     assert plan_file.with_name("plan.png").read_bytes()[:4] == b"\x89PNG"  # the picture beside the JSON
+    # A few lines in the log, the whole report in plan.txt, and where both went.
+    report = plan_file.with_name("plan.txt").read_text()
+    assert "feasible plans (GiB per device" in report and "feasible plans (GiB per device" not in output
+    assert f"report  {plan_file.with_name('plan.txt')}" in output and f"JSON {plan_file}" in output
+    # The plan checked against the run: 4 steps, 2 of them warm-up, so only the whole-fit comparison.
+    assert "Plan vs run over the whole fit (2 optimizer steps after 2 warm-up step(s)" in output
+    assert re.search(r"tokens/s/device +predicted [\d,]+ +measured [\d,]+", output), output[-3000:]
+    measured = plan["measured"]["fit"]
+    assert measured["optimizer_steps"] == 2 and measured["step_time_s"] > 0 and 0 < measured["mfu"] < 1
+    assert measured["peak_memory"] == "not reported on cpu" and "first_steps" not in plan["measured"]
     assert list(tmp_path.glob("tiny/version_*/hf_model/model.safetensors"))
 
 

@@ -30,11 +30,12 @@ from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, ma
 from llama_ft.parallel.applying.clipping import MeshAwarePrecision, with_mesh_aware_clipping
 from llama_ft.parallel.applying.contract import PlannableData, PlannableModule, require
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
-from llama_ft.parallel.planning.report import format_plan_report, plan_result_to_dict
+from llama_ft.parallel.planning.report import format_plan_report, format_plan_summary, plan_result_to_dict
 from llama_ft.parallel.planning.specs import ClusterSpec, LoraSpec, ModelSpec, TrainSpec
 
 Auto = Literal["auto"]
 PLAN_FILENAME = "plan.json"
+PLAN_REPORT_FILENAME = "plan.txt"
 PLOT_FILENAME = "plan.png"
 
 # FSDP2 mixed-precision policy per Lightning precision: (compute/param dtype, gradient reduce dtype).
@@ -94,6 +95,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         self.peak_tflops = peak_tflops
         self.inter_node_gbps = inter_node_gbps
         self.plan_result: PlanResult | None = None
+        self.plan_path: Path | None = None  # plan.json, on rank 0 once planned
 
     @property
     def precision_plugin(self) -> Precision:
@@ -173,18 +175,31 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         return datamodule
 
     def _report(self, result: PlanResult) -> None:
-        """Rank 0 logs the report and writes plan.json beside the run's logs."""
+        """Rank 0 writes the full report (plan.txt) and plan.json beside the run's logs and logs a few lines."""
         trainer = self.lightning_module.trainer
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank asks
         if self.global_rank != 0:
             return
-        rank_zero_info(format_plan_report(result))
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / PLAN_FILENAME).write_text(json.dumps(plan_result_to_dict(result), indent=2) + "\n")
+        self.plan_path = log_dir / PLAN_FILENAME
+        self.plan_path.write_text(json.dumps(plan_result_to_dict(result), indent=2) + "\n")
+        (log_dir / PLAN_REPORT_FILENAME).write_text(format_plan_report(result) + "\n")
         from llama_ft.parallel.planning.plot import plot_plan  # matplotlib: rank 0 only, once per run
 
         plot_plan(result, log_dir / PLOT_FILENAME)
-        rank_zero_info(f"parallel plan written to {log_dir / PLAN_FILENAME}")
+        rank_zero_info(format_plan_summary(result, log_dir / PLAN_REPORT_FILENAME, self.plan_path,
+                                           log_dir / PLOT_FILENAME))
+
+    def record_measured(self, key: str, values: dict[str, Any]) -> Path | None:
+        """Add what the run measured to plan.json under ``measured.<key>`` (rank 0, which wrote it); returns it."""
+        if self.plan_path is None or not self.plan_path.is_file():
+            return None
+        content = json.loads(self.plan_path.read_text())
+        content.setdefault("measured", {})[key] = values
+        partial = self.plan_path.with_name(f".{PLAN_FILENAME}.partial")
+        partial.write_text(json.dumps(content, indent=2) + "\n")
+        partial.replace(self.plan_path)
+        return self.plan_path
 
     # ------------------------------------------------------------------------------------------- applying
     @contextmanager

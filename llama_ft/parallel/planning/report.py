@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_ft.parallel.layout import Layout
@@ -225,6 +226,15 @@ def _parameter_line(result: PlanResult) -> str:
     counts = _parameter_counts(result)
     return (f"Params:   {counts['trainable_params'] / 1e6:,.1f} M trainable, {counts['frozen_params'] / 1e6:,.1f} M "
             "frozen")
+def format_plan_summary(result: PlanResult, report_path: Path, json_path: Path, plot_path: Path | None = None) -> str:
+    """What a fit log shows: the chosen layout with its memory and speed, and where the whole report went."""
+    rejected = len(summarize_rejections(result.rejected))
+    return "\n".join([
+        f"Plan for {result.cluster.describe()}:",
+        *_chosen_lines(result.chosen),
+        f"  report  {report_path} ({len(result.candidates)} feasible plans ranked, {rejected} layouts rejected); "
+        f"JSON {json_path}" + (f"; picture {plot_path}" if plot_path is not None else ""),
+    ])
 
 
 def format_plan_report(result: PlanResult, top: int = 10, max_rejected: int = 20) -> str:
