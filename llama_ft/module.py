@@ -13,7 +13,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity, ROUGEScore
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llama_ft.checkpoint.huggingface import load_full_weights, save_hf_directory
+from llama_ft.callbacks.watchdog import expect_silence
+from llama_ft.checkpoint.huggingface import load_sharded_weights, save_hf_directory
 from llama_ft.errors import ConfigError
 from llama_ft.presets import resolve_llama_config
 
@@ -124,7 +125,9 @@ class LlamaFineTuner(L.LightningModule):
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:
-            load_full_weights(self.model, _resolve_local_checkpoint(self.hparams.model_name_or_path))
+            directory = _resolve_local_checkpoint(self.hparams.model_name_or_path)
+            with expect_silence(f"loading {directory}"):
+                load_sharded_weights(self.model, directory)
         else:
             for module in self.model.modules():
                 module.__dict__.pop("_is_hf_initialized", None)
@@ -251,5 +254,7 @@ class LlamaFineTuner(L.LightningModule):
         out = self.hparams.hf_export_dir or str(Path(log_dir) / "hf_model")
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if save_hf_directory(self.model, tokenizer, out) is not None:
+        with expect_silence(f"writing the Hugging Face model to {out}"):
+            written = save_hf_directory(self.model, tokenizer, out)
+        if written is not None:
             rank_zero_info(f"Hugging Face model written to {out}")

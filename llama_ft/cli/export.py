@@ -2,7 +2,8 @@
 
 The architecture comes from the hyper-parameters ``LlamaFineTuner`` saved (``model_config`` / ``model_name_or_path``),
 else from the recipe (``--config``, parsed as ``fit`` parses it); the tokenizer from ``--tokenizer``, else the data
-module's saved ``tokenizer``, else the recipe's ``data.tokenizer``.
+module's saved ``tokenizer``, else the recipe's ``data.tokenizer``. The weights are streamed one tensor at a time
+from the checkpoint into the safetensors shards: memory holds one tensor, never the model.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
-from llama_ft.checkpoint.huggingface import save_hf_directory
-from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
+from llama_ft.checkpoint.huggingface import TIED_HEAD, write_hf_directory
+from llama_ft.checkpoint.reader import LightningCheckpoint, hf_tensors, read_checkpoint, stream_tensors
+from llama_ft.checkpoint.safetensors_stream import DEFAULT_MAX_SHARD_SIZE, TensorSpec, parse_size
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
 from llama_ft.presets import resolve_llama_config
@@ -31,6 +33,8 @@ def add_arguments(parser: LightningArgumentParser) -> None:
     group.add_argument("--ckpt", type=str, required=True, help="checkpoint file or distributed checkpoint directory")
     group.add_argument("--out", type=str, required=True, help="directory for config.json, safetensors and tokenizer")
     group.add_argument("--tokenizer", type=str | None, help="tokenizer to ship (default: the one the run used)")
+    group.add_argument("--max_shard_size", type=str, default=DEFAULT_MAX_SHARD_SIZE,
+                       help="largest safetensors file, e.g. 5GB (as save_pretrained's max_shard_size)")
 
 
 def trained_architecture(checkpoint: LightningCheckpoint, recipe: Namespace, source: str | Path) -> LlamaConfig:
@@ -47,20 +51,25 @@ def trained_architecture(checkpoint: LightningCheckpoint, recipe: Namespace, sou
     return resolve_llama_config(values["model_config"], values["model_name_or_path"])
 
 
-def build_model(config: LlamaConfig, weights: dict[str, torch.Tensor], source: str | Path) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` holding exactly ``weights`` (built on the meta device: no second copy in memory)."""
+def check_weights_fit(config: LlamaConfig, checkpoint: LightningCheckpoint, names: dict[str, str],
+                      source: str | Path) -> list[TensorSpec]:
+    """The tensors to write, in the model's order, after checking names and shapes against the architecture (on
+    the meta device: nothing allocated). A tied LM head is written once, as the embedding."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    if missing or result.unexpected_keys:
+        expected = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop(TIED_HEAD, None)
+        names = {name: key for name, key in names.items() if name != TIED_HEAD}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(names)
+                   if checkpoint.tensors[names[name]].shape != expected[name])
+    if missing or unexpected or wrong:
         raise ConfigError(
-            f"checkpoint {source} does not fit the model config {config.to_diff_dict()}: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}. Pass --config with the recipe "
-            "the run used."
+            f"checkpoint {source} does not fit the model config {config.to_diff_dict()}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}. Pass --config with the recipe the run used."
         )
-    model.tie_weights()
-    return model
+    return [TensorSpec(name, expected[name], checkpoint.tensors[names[name]].dtype) for name in expected]
 
 
 def resolve_tokenizer(
@@ -86,8 +95,8 @@ def _check_output(out: Path, ckpt: Path) -> None:
         raise ConfigError(f"--out {out} exists and is not a Hugging Face directory; pick a new or empty directory.")
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace,
-                      tokenizer: str | None = None) -> tuple[Path, str | None]:
+def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, tokenizer: str | None = None,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> tuple[Path, str | None]:
     """Write the Hugging Face directory; returns it and a note when no tokenizer could be included.
 
     ``recipe`` is the parsed recipe (its model and data sections). The directory is assembled beside ``out`` and
@@ -95,21 +104,25 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace,
     """
     ckpt, out = Path(ckpt), Path(out)
     _check_output(out, ckpt)
+    parse_size(max_shard_size)
     checkpoint = read_checkpoint(ckpt)
-    weights = hf_weights(checkpoint, ckpt)
-    model = build_model(trained_architecture(checkpoint, recipe, ckpt), weights, ckpt)
+    names = hf_tensors(checkpoint, ckpt)
+    config = trained_architecture(checkpoint, recipe, ckpt)
+    specs = check_weights_fit(config, checkpoint, names, ckpt)
     hf_tokenizer, note = resolve_tokenizer(tokenizer, checkpoint, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
-    save_hf_directory(model, hf_tokenizer, partial)
+    tensors = stream_tensors(checkpoint, {spec.name: names[spec.name] for spec in specs})
+    write_hf_directory(config, specs, tensors, hf_tokenizer, partial, max_shard_size)
     publish(partial, out)
     return out, note
 
 
 def run(config: Namespace, argv: list[str]) -> int:
     """Export, and say where (and whether a tokenizer could be included)."""
-    out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer)
+    out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer,
+                                  max_shard_size=config.max_shard_size)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     print(f"Hugging Face model written to {out}")
