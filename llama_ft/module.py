@@ -121,7 +121,8 @@ class LlamaFineTuner(L.LightningModule):
         """Fill a model that was built on the meta device and then materialized (and maybe sharded).
 
         Called by the ``advanced`` strategy after it applied its layout and materialized the model (which also
-        recomputed the rotary tables); a checkpoint is loaded, else the Hugging Face initialization runs.
+        recomputed the rotary tables); a checkpoint is loaded (each rank reads only its shards), else the Hugging Face
+        initialization runs.
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:

@@ -148,3 +148,15 @@ def test_recipe_supplies_the_model_when_the_checkpoint_has_no_hyper_parameters(t
     exported = LlamaForCausalLM.from_pretrained(out)
     for key, value in model.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key
+
+
+def test_export_cuts_large_models_into_indexed_shards(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaForCausalLM.config_class.from_json_file(PRESETS_DIR / "llama-tiny.json"))
+    ckpt = _lightning_file(tmp_path / "bare.ckpt", state_dict={f"model.{k}": v for k, v in model.state_dict().items()},
+                           hyper_parameters={"model_config": "llama-tiny"})
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--max_shard_size", "1MB"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    exported = LlamaForCausalLM.from_pretrained(out)
+    assert all(torch.equal(exported.state_dict()[key], value) for key, value in model.state_dict().items())

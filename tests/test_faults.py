@@ -9,6 +9,7 @@ nothing but llama_ft.callbacks.watchdog watches.)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -274,6 +275,19 @@ def test_a_rank_blocked_in_a_long_load_or_save_is_not_declared_dead(monkeypatch)
     assert not hasattr(monitor, "reason")  # the grace restarts when the quiet period ends
     monitor.join(timeout=10)
     assert "rank 1 sent no heartbeat" in monitor.reason  # still silent afterwards: dead
+
+
+@pytest.mark.timeout(30)
+def test_a_quiet_period_has_a_limit(monkeypatch):
+    store = HashStore()
+    monitor = _RecordingMonitor(store, "t", rank=0, world_size=2, interval_s=0.05, stale_after_s=0.2,
+                                max_silence_s=0.8)
+    monkeypatch.setattr(watchdog_module, "_active_monitor",
+                        _HeartbeatMonitor(store, "t", rank=1, world_size=2, interval_s=0.05, stale_after_s=0.2))
+    monitor.start()
+    with expect_silence("loading /models/llama"):
+        monitor.join(timeout=10)
+    assert re.search(r"rank 1 sent no heartbeat for \d+ s while loading /models/llama", monitor.reason)
 
 
 @pytest.mark.timeout(30)

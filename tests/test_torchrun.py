@@ -2,8 +2,9 @@
 
 Each node is its own ``torchrun --nnodes 2 --node_rank R --master_addr 127.0.0.1 --master_port P --nproc_per_node 1
 main.py fit ...`` (Lightning finds the world through its TorchElastic environment), under the ``advanced`` strategy
-with the peer watchdog on. The weights it exports at the end must equal a one-process run's (fp32, ≤ 1e-4): the data
-module holds the global batch fixed, so both runs take the same optimizer steps.
+with the peer watchdog on, each rank loading its shards of the same checkpoint. The weights it exports at the end must
+equal a one-process run's (fp32, ≤ 1e-4): the data module holds the global batch fixed, so both runs take the same
+optimizer steps.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from tests.helpers import REPO_ROOT, free_port
 RUN_TIMEOUT_S = 300
 
 
-def _recipe(root: Path) -> list[str]:
-    return ["fit", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+def _recipe(root: Path, checkpoint: Path) -> list[str]:
+    """The embedded default, shortened, fine-tuning ``checkpoint`` (so both runs start from the same weights)."""
+    return ["fit", f"--model.model_name_or_path={checkpoint}", "--model.model_config=null",
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
             "--trainer.logger.init_args.version=run", f"--data.cache_dir={root / 'cache'}",
             "--data.max_examples_per_split=16", "--data.max_length=128", "--data.global_batch_size=4",
             "--data.micro_batch_size=2", "--data.val_every_n_steps=2", "--trainer.max_steps=4",
@@ -46,9 +49,9 @@ def _weights(root: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 30)
-def test_two_torchrun_nodes_match_one_process(tmp_path):
+def test_two_torchrun_nodes_match_one_process(tmp_path, tiny_checkpoint):
     single = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "main.py", *_recipe(single)], cwd=REPO_ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "main.py", *_recipe(single, tiny_checkpoint)], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -60,7 +63,8 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
     for rank, log in enumerate(logs):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                    "--master_addr", "127.0.0.1", "--master_port", str(port), "--nproc_per_node", "1", "main.py",
-                   *_recipe(nodes), "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=advanced"]
+                   *_recipe(nodes, tiny_checkpoint), "--trainer.num_nodes=2", "--trainer.devices=1",
+                   "--trainer.strategy=advanced"]
         with log.open("w") as out:
             procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT))
     try:

@@ -72,6 +72,7 @@ class _HeartbeatMonitor(threading.Thread):
                     continue
                 peer_beats = self.store.add(self.key("beat", self.peer), 0)
                 quiet = self.store.check([self.key("quiet", self.peer)])
+                doing = f" while {self.store.get(self.key('quiet', self.peer)).decode()}" if quiet else ""
             except Exception as err:  # the store is gone or unreachable
                 if self.finished.is_set():
                     return
@@ -85,15 +86,16 @@ class _HeartbeatMonitor(threading.Thread):
                 beats, changed_at = peer_beats, now
             elif (now - changed_at > self.max_silence_s if quiet
                   else now - max(changed_at, quiet_seen_at) > self.stale_after_s):
-                message = (f"rank {self.peer} sent no heartbeat for {now - changed_at:.0f} s (it died or hangs; its "
-                           f"own log says why), noticed by rank {self.rank}")
+                message = (f"rank {self.peer} sent no heartbeat for {now - changed_at:.0f} s{doing} (it died or "
+                           f"hangs; its own log says why), noticed by rank {self.rank}")
                 self.store.set(self.key("dead"), message)
                 self.fail(message)
 
-    def set_quiet(self, quiet: bool) -> None:
-        """Tell this rank's watcher that a long silence from this rank is expected now (or no longer)."""
-        if quiet:
-            self.store.set(self.key("quiet", self.rank), "1")
+    def set_quiet(self, doing: str | None) -> None:
+        """Tell this rank's watcher that a long silence from this rank is expected now, and why (``None``: no
+        longer)."""
+        if doing is not None:
+            self.store.set(self.key("quiet", self.rank), doing)
         else:
             self.store.delete_key(self.key("quiet", self.rank))
 
@@ -130,12 +132,12 @@ def expect_silence(what: str) -> Iterator[None]:
     if monitor is None:
         yield
         return
-    monitor.set_quiet(True)
+    monitor.set_quiet(what)
     try:
         yield
     finally:
         if _active_monitor is monitor:
-            monitor.set_quiet(False)
+            monitor.set_quiet(None)
 
 
 class PeerWatchdog(Callback):
