@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def _gathered(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tenso
         for name, value in state.items():
             full = value.full_tensor() if isinstance(value, DTensor) else value
             yield name, full.detach().cpu()
+            del full  # before the next gather: one full tensor alive at a time
     finally:
         redistribute_log.setLevel(level)
 
@@ -164,7 +166,6 @@ def save_hf_directory(
     state = hf_state_dict(model)
     tensors = _gathered(state)
     if not _is_rank_zero():
-        for _ in tensors:  # take part in every gather
-            pass
+        deque(tensors, maxlen=0)  # take part in every gather, keeping none of the results
         return None
     return write_hf_directory(model.config, tensor_specs(state), tensors, tokenizer, out_dir, max_shard_size)
