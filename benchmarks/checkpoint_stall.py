@@ -4,7 +4,7 @@ Target: a background save stalls training at most half as long as a synchronous 
 
 Two CPU processes (gloo) fine-tune a random-init 63 M-parameter Llama (hidden 768, 8 layers, MLP 2048, vocabulary
 8,192; fp32, AdamW) with the ``advanced`` strategy pinned to FSDP over both ranks, on the bundled sample (max_length
-64, one row per micro-batch, global batch 2). ``ModelCheckpoint`` saves ``last.ckpt`` every 3 optimizer steps, 4
+160, one row per micro-batch, global batch 2). ``ModelCheckpoint`` saves ``last.ckpt`` every 3 optimizer steps, 4
 saves in 12 steps; each checkpoint (weights + AdamW moments + Lightning's state) is about 0.75 GB. The two runs —
 ``async_checkpoint=False`` then ``True`` — share the processes, data and seed. The stall of a save is the wall time
 of the strategy's ``save_checkpoint`` call on rank 0: synchronous, the whole write and publish; in the background,
@@ -35,7 +35,7 @@ from typing import Any
 
 RESULT = Path(__file__).resolve().parent / "results" / "checkpoint_stall.md"
 MODEL = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-             num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
 STEPS, EVERY = 12, 3
 TARGET = 0.5
 
@@ -64,10 +64,11 @@ def run(async_checkpoint: bool, root: Path) -> dict[str, Any] | None:
 
     torch.manual_seed(0)
     config = root / "model.json"
-    config.write_text(json.dumps({"model_type": "llama", **MODEL}))
+    if not config.exists():  # rank 1, started by Lightning later, finds rank 0's file
+        config.write_text(json.dumps({"model_type": "llama", **MODEL}))
     strategy = TimedStrategy(dp_shard_size=2, tp_size=1, dp_replicate_size=1, micro_batch_size=1,
                              activation_checkpointing="none", async_checkpoint=async_checkpoint)
-    data = CNNDailyMailDataModule(dataset="sample", tokenizer="sample", max_length=64, global_batch_size=2,
+    data = CNNDailyMailDataModule(dataset="sample", tokenizer="sample", max_length=160, global_batch_size=2,
                                   micro_batch_size=1, cache_dir=str(root / "cache"))
     checkpoints = ModelCheckpoint(dirpath=root / f"ckpt-{async_checkpoint}", every_n_train_steps=EVERY,
                                   save_last=True, save_top_k=0)
