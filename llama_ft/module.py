@@ -11,7 +11,8 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llama_ft.checkpoint.huggingface import full_state_dict, load_full_weights, save_hf_directory
+from llama_ft.callbacks.watchdog import expect_silence
+from llama_ft.checkpoint.huggingface import full_state_dict, load_sharded_weights, save_hf_directory
 from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.errors import ConfigError
@@ -161,12 +162,14 @@ class LlamaFineTuner(L.LightningModule):
         """Fill a model that was built on the meta device and then materialized (and maybe sharded).
 
         Called by the ``advanced`` strategy after it applied its layout and materialized the model (which also
-        recomputed the rotary tables); a checkpoint is loaded, else the Hugging Face initialization runs.
+        recomputed the rotary tables); a checkpoint is loaded (each rank reads only its shards), else the Hugging Face
+        initialization runs.
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:
-            load_full_weights(self.model, resolve_local_checkpoint(self.hparams.model_name_or_path),
-                              key_map=base_key_map(self.model))
+            directory = resolve_local_checkpoint(self.hparams.model_name_or_path)
+            with expect_silence(f"loading {directory}"):
+                load_sharded_weights(self.model, directory, key_map=base_key_map(self.model))
         else:
             for module in self.model.modules():
                 module.__dict__.pop("_is_hf_initialized", None)
@@ -305,8 +308,10 @@ class LlamaFineTuner(L.LightningModule):
             if self.global_rank != 0:
                 return
             model = merged_model(self.llama_config, state, self.lora, self.hparams.model_name_or_path)
-        if save_hf_directory(model, tokenizer, out, self.training_record(),
-                             max_new_tokens=self.hparams.max_new_tokens) is not None:
+        with expect_silence(f"writing the Hugging Face model to {out}"):
+            written = save_hf_directory(model, tokenizer, out, self.training_record(),
+                                        max_new_tokens=self.hparams.max_new_tokens)
+        if written is not None:
             rank_zero_info(f"Hugging Face model written to {out} (model card: {Path(out) / 'README.md'})")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

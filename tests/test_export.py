@@ -198,3 +198,13 @@ def test_export_explains_itself_and_its_card_code_generates_a_summary(tmp_path):
                                           DEFAULT_PROMPT)["input_ids"][0]
     generated = namespace["output"].shape[1] - len(prompt_ids)
     assert 1 <= generated <= 5 and isinstance(namespace["summary"], str)
+def test_export_cuts_large_models_into_indexed_shards(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaForCausalLM.config_class.from_json_file(PRESETS_DIR / "llama-tiny.json"))
+    ckpt = _lightning_file(tmp_path / "bare.ckpt", state_dict={f"model.{k}": v for k, v in model.state_dict().items()},
+                           hyper_parameters={"model_config": "llama-tiny"})
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--max_shard_size", "1MB"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    exported = LlamaForCausalLM.from_pretrained(out)
+    assert all(torch.equal(exported.state_dict()[key], value) for key, value in model.state_dict().items())

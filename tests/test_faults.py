@@ -9,6 +9,7 @@ nothing but llama_ft.callbacks.watchdog watches.)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pytest
 import torch
 from torch.distributed import HashStore
 
-from llama_ft.callbacks.watchdog import PeerWatchdog, _HeartbeatMonitor
+from llama_ft.callbacks import watchdog as watchdog_module
+from llama_ft.callbacks.watchdog import PeerWatchdog, _HeartbeatMonitor, expect_silence
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.checkpoint import partial_path, publish
 from llama_ft.checkpoint.reader import read_checkpoint
@@ -136,7 +138,7 @@ def test_kill_during_a_sharded_save_keeps_the_last_checkpoint(tmp_path):
     assert stalled_partial == partial_path(last) and stalled_partial.is_dir()
     checkpoint = read_checkpoint(last)
     assert checkpoint.metadata["global_step"] == 2
-    assert any(key.endswith("embed_tokens.weight") for key in checkpoint.state_dict)
+    assert any(key.endswith("embed_tokens.weight") for key in checkpoint.tensors)
 
 
 # ----------------------------------------------------------------------------------------- single-process checks
@@ -254,6 +256,38 @@ def test_a_beating_or_finished_peer_is_not_declared_dead():
     assert monitor.is_alive() and not hasattr(monitor, "reason")
     monitor.finished.set()
     monitor.join()
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_blocked_in_a_long_load_or_save_is_not_declared_dead(monkeypatch):
+    """Rank 1 stops beating inside ``expect_silence`` (as a rank whose main thread holds the GIL in a multi-minute
+    save would): rank 0's watcher waits ``max_silence_s`` then, and gives ``stale_after_s`` again after it."""
+    store = HashStore()
+    monitor = _RecordingMonitor(store, "t", rank=0, world_size=2, interval_s=0.05, stale_after_s=0.3,
+                                max_silence_s=30)
+    monkeypatch.setattr(watchdog_module, "_active_monitor",
+                        _HeartbeatMonitor(store, "t", rank=1, world_size=2, interval_s=0.05, stale_after_s=0.3))
+    monitor.start()
+    with expect_silence("saving a checkpoint"):
+        time.sleep(1.2)  # four times stale_after_s without a beat
+        assert not hasattr(monitor, "reason")
+    time.sleep(0.15)
+    assert not hasattr(monitor, "reason")  # the grace restarts when the quiet period ends
+    monitor.join(timeout=10)
+    assert "rank 1 sent no heartbeat" in monitor.reason  # still silent afterwards: dead
+
+
+@pytest.mark.timeout(30)
+def test_a_quiet_period_has_a_limit(monkeypatch):
+    store = HashStore()
+    monitor = _RecordingMonitor(store, "t", rank=0, world_size=2, interval_s=0.05, stale_after_s=0.2,
+                                max_silence_s=0.8)
+    monkeypatch.setattr(watchdog_module, "_active_monitor",
+                        _HeartbeatMonitor(store, "t", rank=1, world_size=2, interval_s=0.05, stale_after_s=0.2))
+    monitor.start()
+    with expect_silence("loading /models/llama"):
+        monitor.join(timeout=10)
+    assert re.search(r"rank 1 sent no heartbeat for \d+ s while loading /models/llama", monitor.reason)
 
 
 @pytest.mark.timeout(30)

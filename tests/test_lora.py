@@ -77,7 +77,7 @@ def test_lora_checkpoint_holds_adapters_and_resumes_exactly(lora_runs):
     last = lora_runs / "straight" / "tb" / "run" / "checkpoints" / "last.ckpt"
     assert last.is_dir()  # a distributed checkpoint: resuming it took the partial load (base from its own name)
     checkpoint = read_checkpoint(last)
-    assert checkpoint.state_dict and all(is_adapter_key(key) for key in checkpoint.state_dict)
+    assert checkpoint.tensors and all(is_adapter_key(key) for key in checkpoint.tensors)
     assert checkpoint.metadata["lora_base"] == str(lora_runs / "base")
     assert checkpoint.hparam("lora")["r"] == 4
     straight = load_file(lora_runs / "straight" / "trained_hf" / "model.safetensors")

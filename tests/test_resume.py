@@ -37,7 +37,7 @@ def _fit(root: Path, cache: Path, devices: int, *extra: str, expect: int = 0) ->
     args = [sys.executable, str(REPO_ROOT / "main.py"), "fit", *QUICK, f"--trainer.devices={devices}",
             f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
             "--trainer.logger.init_args.version=run", f"--data.cache_dir={cache}", *extra]
-    if devices > 1:
+    if devices > 1 and not any(arg.startswith("--trainer.strategy") for arg in extra):
         args.append("--trainer.strategy=advanced")
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     for key in [k for k in env if k.startswith("SLURM_")]:
@@ -77,15 +77,17 @@ def straight_runs(tmp_path_factory, cache) -> Callable[[int], Path]:
     return run
 
 
-def _preempted_then_resumed(tmp_path: Path, cache: Path, straight: Path, devices: int, step: int) -> tuple[float, str]:
+def _preempted_then_resumed(tmp_path: Path, cache: Path, straight: Path, devices: int, step: int,
+                            *extra: str) -> tuple[float, str]:
     interrupted = tmp_path / "interrupted"
-    first = _fit(interrupted, cache, devices, "--trainer.callbacks+=tests.scripts.job_callbacks.SignalAtStep",
+    first = _fit(interrupted, cache, devices, *extra, "--trainer.callbacks+=tests.scripts.job_callbacks.SignalAtStep",
                  f"--trainer.callbacks.step={step}", "--trainer.callbacks+=llama_ft.callbacks.PreemptionCheckpoint",
                  expect=PREEMPTED_EXIT_CODE)
     assert not (interrupted / "tiny" / "run" / "hf_model").exists()  # stopped: no end-of-training export
     last = interrupted / "tiny" / "run" / "checkpoints" / "last.ckpt"
     assert f"SIGUSR1 received: saved {last} at step {step}." in first
-    second = _fit(interrupted, cache, devices, "--ckpt_path=last")
+    assert not list(last.parent.glob(".*.partial")), "a save left its partial behind"
+    second = _fit(interrupted, cache, devices, *extra, "--ckpt_path=last")
     assert f"Restored all states from the checkpoint at {last}" in second
     difference = _max_difference(_weights(straight), _weights(interrupted))
     print(f"max |Δweight| after preemption at step {step} on {devices} process(es): {difference:.3g}")
@@ -111,6 +113,18 @@ def test_resumed_run_matches_uninterrupted_on_two_processes_with_a_distributed_c
     # Only rank 0 is signalled; both must save the same step. Step 5 is the second micro-batch of the second epoch.
     difference, _ = _preempted_then_resumed(tmp_path, cache, straight_runs(2), devices=2, step=5)
     assert (tmp_path / "interrupted" / "tiny" / "run" / "checkpoints" / "last.ckpt").is_dir()  # sharded
+    assert difference <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(4 * RUN_TIMEOUT_S)
+def test_background_checkpoint_saves_resume_exactly(tmp_path, cache, straight_runs):
+    """``async_checkpoint``: the validation save at step 3 and the preemption save at step 5 are written while
+    training goes on, published only when complete, and resuming from them still matches the synchronous run."""
+    difference, _ = _preempted_then_resumed(tmp_path, cache, straight_runs(2), 2, 5,
+                                            "--trainer.strategy=llama_ft.parallel.AdvancedParallelStrategy",
+                                            "--trainer.strategy.async_checkpoint=true")
     assert difference <= 1e-6
 
 

@@ -1,27 +1,44 @@
-"""Moving Llama weights between Hugging Face files and (possibly sharded) in-memory models.
+"""Moving Llama weights between Hugging Face files and (possibly sharded) in-memory models, a tensor at a time.
 
-Sharded models hold DTensor parameters; the ``torch.distributed.checkpoint.state_dict`` helpers gather or
-scatter them, so the same functions serve a single process, DDP, FSDP2 and tensor parallel.
+Load: every rank reads only the slices its DTensor shards hold, straight from the safetensors files into the shards
+(``torch.distributed.checkpoint`` with its Hugging Face storage reader plans which slice each rank needs, for any
+placement: DDP replicas, FSDP, HSDP, TP, FSDP × TP). Save: ranks gather one parameter at a time and rank 0 streams
+it into the safetensors shards (``safetensors_stream``). No process ever holds the whole model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping
+import logging
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.futures import Future
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
+from llama_ft.checkpoint.safetensors_stream import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorSpec,
+    write_safetensors_shards,
+)
 from llama_ft.errors import ConfigError
 from llama_ft.outputs import mark_output_dir
 
-_SINGLE_FILE = "model.safetensors"
-_INDEX_FILE = "model.safetensors.index.json"
+WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, not part of the HF name
+TIED_HEAD = "lm_head.weight"
 
 
 def _is_rank_zero() -> bool:
@@ -34,69 +51,150 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face checkpoint directory (single file or sharded with an index)."""
-    directory = Path(directory)
-    if (directory / _SINGLE_FILE).is_file():
-        return load_file(directory / _SINGLE_FILE)
-    if (directory / _INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((directory / _INDEX_FILE).read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(directory / shard))
-        return state
+def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's own tensors (DTensor shards when parallelized, sharing storage with the parameters) under their
+    Hugging Face names; a tied LM head is left out, as ``save_pretrained`` leaves it out."""
+    state = {key.replace(WRAPPER_PREFIX, ""): value for key, value in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop(TIED_HEAD, None)
+    return state
+
+
+def checkpoint_tensor_names(directory: Path) -> set[str]:
+    """Names of the tensors in a Hugging Face checkpoint directory (headers only; no tensor is read)."""
+    if (directory / INDEX_FILE).is_file():
+        return set(json.loads((directory / INDEX_FILE).read_text())["weight_map"])
+    if (directory / SINGLE_FILE).is_file():
+        with safe_open(directory / SINGLE_FILE, framework="pt") as file:
+            return set(file.keys())
     raise ConfigError(
-        f"{directory} holds no {_SINGLE_FILE} or {_INDEX_FILE}; llama_ft loads safetensors weights only "
+        f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}; llama_ft loads safetensors weights only "
         "(safe by default). Convert the checkpoint with transformers' save_pretrained(safe_serialization=True)."
     )
 
 
-def load_full_weights(model: PreTrainedModel, directory: str | Path, key_map: Mapping[str, str] | None = None) -> None:
-    """Fill a materialized (possibly sharded) model with a checkpoint's weights; rank 0 reads, others receive.
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory in this process (LoRA's merged export needs the base)."""
+    directory = Path(directory)
+    names = checkpoint_tensor_names(directory)
+    if (directory / SINGLE_FILE).is_file():
+        return load_file(directory / SINGLE_FILE)
+    shards = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(directory / shard))
+    return {name: state[name] for name in names}
 
-    ``key_map`` renames checkpoint keys to the model's (LoRA keeps a wrapped projection's weight under another name).
+
+class _TensorAtATimeReader(HuggingFaceStorageReader):
+    """The Hugging Face storage reader, opening the file for each slice it reads: a memory-mapped file's pages count
+    in a process's resident memory until it is closed, so keeping a multi-GB shard file open while reading all
+    its slices would hold every page read so far."""
+
+    def read_data(self, plan, planner) -> Future[None]:
+        for item in plan.items:
+            with safe_open(self.storage_data[item.storage_index].relative_path, framework="pt") as file:
+                self._process_read_request(file, item, planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+def load_sharded_weights(model: PreTrainedModel, directory: str | Path,
+                         key_map: Mapping[str, str] | None = None) -> None:
+    """Fill a materialized (possibly sharded) model from a Hugging Face checkpoint directory, each rank reading only
+    its own slices, cast to the parameter dtype on the way in. Collective when a process group is up.
+
+    ``key_map`` maps checkpoint names to the model's where they differ (LoRA keeps a wrapped projection's weight
+    under ``base_layer``); adapters are not in the checkpoint and are left as they are.
     """
-    full = read_safetensors(directory) if _is_rank_zero() else {}
-    key_map = key_map or {}
-    full = {key_map.get(k, k): v for k, v in full.items() if not k.endswith("rotary_emb.inv_freq")}
-    if model.config.tie_word_embeddings:
-        full.pop("lm_head.weight", None)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    incompatible = set_model_state_dict(model, full, options=options)
-    expected_missing = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    missing = set(getattr(incompatible, "missing_keys", [])) - expected_missing
-    missing = {k for k in missing if ".lora_A." not in k and ".lora_B." not in k}  # adapters: initialized apart
+    directory = Path(directory)
+    to_checkpoint = {model_name: name for name, model_name in (key_map or {}).items()}
+    state = {to_checkpoint.get(key, key): value for key, value in hf_state_dict(model).items()
+             if ".lora_A." not in key and ".lora_B." not in key}
+    missing = sorted(set(state) - checkpoint_tensor_names(directory))
     if missing:
-        raise ConfigError(f"checkpoint {directory} lacks weights for {sorted(missing)[:5]}…; is it a Llama checkpoint?")
+        raise ConfigError(f"checkpoint {directory} lacks weights for {missing[:5]}…; is it a Llama checkpoint of "
+                          f"this architecture ({model.config.num_hidden_layers} layers)?")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, storage_reader=_TensorAtATimeReader(str(directory)), no_dist=not dist.is_initialized())
+    model.tie_weights()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded weights on CPU (complete on rank 0 when sharded; every rank must call this)."""
+    """The unsharded weights on CPU (complete on rank 0 when sharded; every rank must call this). For tests and
+    small models: it holds the whole model."""
     if not _is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf_directory(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None,
-    out_dir: str | Path,
-    record: TrainingRecord | None = None,
-    max_new_tokens: int = 128,
-) -> Path | None:
-    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``, with a
-    model card, generation settings and the prompt (``model_card``; ``record`` says what the run was).
+def _gathered(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor in full, one at a time, on every rank (``full_tensor`` is a collective over its mesh).
 
-    Collective when the model is sharded: every rank must call it; rank 0 writes.
-    """
-    state = full_state_dict(model)
-    if not _is_rank_zero():
-        return None
+    DTensor warns, once per FSDP × TP tensor, that gathering its two sharded dims takes two all-gathers; for an
+    export that happens once per run that is expected, so the warning is held back while gathering."""
+    from torch.distributed.tensor import DTensor
+
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_log.level
+    redistribute_log.setLevel(logging.ERROR)
+    try:
+        for name, value in state.items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            yield name, full.detach().cpu()
+            del full  # before the next gather: one full tensor alive at a time
+    finally:
+        redistribute_log.setLevel(level)
+
+
+def tensor_specs(state: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(name, tuple(value.shape), value.dtype) for name, value in state.items()]
+
+
+def write_hf_config(config: PretrainedConfig, dtype: torch.dtype, out: Path) -> None:
+    """``config.json`` as ``save_pretrained`` writes it for a causal LM (``generation_config.json`` comes with the
+    model card, which knows the tokenizer's real EOS and pad ids)."""
+    config = copy.deepcopy(config)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype
+    config.save_pretrained(out)
+
+
+def write_hf_directory(config: PretrainedConfig, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]],
+                       tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
+                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, record: TrainingRecord | None = None,
+                       max_new_tokens: int = 128) -> Path:
+    """A Hugging Face directory from tensors streamed in ``specs`` order: config, safetensors shards (+ index),
+    tokenizer, and the model card, generation settings and prompt (``model_card``; ``record`` says what the run
+    was). Memory: the tensor being written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    write_safetensors_shards(out, specs, tensors, max_shard_size)
+    floating = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
+    write_hf_config(config, floating[0] if floating else torch.float32, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    write_model_card(out, model.config, tokenizer, record or TrainingRecord(), max_new_tokens)
+    write_model_card(out, config, tokenizer, record or TrainingRecord(), max_new_tokens)
     mark_output_dir(out)  # after every file: it also gives them the user's normal permissions
     return out
+
+
+def save_hf_directory(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
+    record: TrainingRecord | None = None, max_new_tokens: int = 128,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path | None:
+    """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``.
+
+    Collective when the model is sharded: every rank must call it; the ranks gather one tensor at a time and rank 0
+    writes it, so no rank ever holds more than its shards and one full tensor.
+    """
+    state = hf_state_dict(model)
+    tensors = _gathered(state)
+    if not _is_rank_zero():
+        deque(tensors, maxlen=0)  # take part in every gather, keeping none of the results
+        return None
+    return write_hf_directory(model.config, tensor_specs(state), tensors, tokenizer, out_dir, max_shard_size,
+                              record, max_new_tokens)

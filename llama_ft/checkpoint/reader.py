@@ -1,72 +1,103 @@
-"""Read what ``fit`` saved (a single file, or a distributed checkpoint directory) in one process, weights only.
+"""Read what ``fit`` saved (a single file, or a distributed checkpoint directory) in one process, weights only,
+one tensor at a time.
 
-Single-device and DDP runs write one ``torch.save`` file whose ``state_dict`` holds full tensors. Sharded runs write a
-directory: ``.metadata``, one ``__<rank>_0.distcp`` shard file per rank and ``meta.pt`` with everything that is not
-a tensor. The metadata gives every tensor's full shape, so ``torch.distributed.checkpoint`` fills it from all shards
-without a process group, whatever the layout was. Optimizer states are never read; every pickle is read with
-``weights_only=True``, and ``.metadata`` with the allow-list of ``safe_pickle``: a checkpoint names values, never code.
+Single-device and DDP runs write one ``torch.save`` file whose ``state_dict`` holds full tensors (memory-mapped
+here, so only the pages of the tensor being used are read). Sharded runs write a directory: ``.metadata``, one
+``__<rank>_0.distcp`` shard file per rank and ``meta.pt`` with everything that is not a tensor. The metadata gives
+every tensor's full shape, so ``torch.distributed.checkpoint`` fills one tensor from all shards without a process
+group, whatever the layout was. Optimizer states are never read; every pickle is read with ``weights_only=True``,
+and ``.metadata`` with the allow-list of ``safe_pickle``: a checkpoint names values, never code.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from llama_ft.checkpoint.atomic import resolve_checkpoint
+from llama_ft.checkpoint.huggingface import WRAPPER_PREFIX
 from llama_ft.checkpoint.safe_pickle import check_dcp_metadata, load_weights_only
+from llama_ft.checkpoint.safetensors_stream import TensorSpec
 from llama_ft.errors import ConfigError
 
 DCP_METADATA = ".metadata"
 LIGHTNING_METADATA = "meta.pt"
 STATE_DICT_KEY = "state_dict"
 MODULE_PREFIX = "model."  # LlamaFineTuner keeps the LlamaForCausalLM in ``self.model``
-WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, not part of the HF name
 
 
 @dataclass
 class LightningCheckpoint:
-    """What export needs from a checkpoint: the module's tensors and the non-tensor metadata."""
+    """What export needs from a checkpoint: the module's tensors (shapes now, values on demand, one at a time)
+    and the non-tensor metadata."""
 
-    state_dict: dict[str, torch.Tensor]
+    tensors: dict[str, TensorSpec]
     metadata: dict[str, Any]
+    load: Callable[[str], torch.Tensor]
 
     def hparam(self, name: str, datamodule: bool = False) -> Any:
         section = self.metadata.get("datamodule_hyper_parameters" if datamodule else "hyper_parameters") or {}
         return section.get(name)
 
 
+class _MetadataOnceReader(dcp.FileSystemReader):
+    """Reads ``.metadata`` once, not once per tensor loaded."""
+
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        super().__init__(str(path))
+        self._metadata = metadata
+
+    def read_metadata(self) -> Metadata:
+        return self._metadata
+
+
+def read_distributed_metadata(path: Path) -> Metadata:
+    """The ``.metadata`` of a distributed checkpoint (every tensor's name, full shape, dtype and chunks), checked
+    with the allow-list first: torch's reader unpickles it with plain pickle."""
+    check_dcp_metadata(path)
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
 def _read_distributed(path: Path) -> LightningCheckpoint:
-    """Full tensors of the module's state from every shard, in this process (no process group needed)."""
-    check_dcp_metadata(path)  # torch's reader unpickles .metadata with plain pickle: check it first
-    reader = dcp.FileSystemReader(str(path))
+    """Shapes from the metadata; each tensor filled from every shard only when asked for (no process group)."""
+    metadata = read_distributed_metadata(path)
+    reader = _MetadataOnceReader(path, metadata)
     prefix = f"{STATE_DICT_KEY}."
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
+    specs = {
+        key[len(prefix):]: TensorSpec(key[len(prefix):], tuple(meta.size), meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, storage_reader=reader)
-    metadata = load_weights_only(path / LIGHTNING_METADATA)
-    return LightningCheckpoint({key[len(prefix):]: value for key, value in state.items()}, metadata)
+
+    def load(name: str) -> torch.Tensor:
+        spec = specs[name]
+        tensor = torch.empty(spec.shape, dtype=spec.dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load({prefix + name: tensor}, storage_reader=reader, no_dist=True)
+        return tensor
+
+    return LightningCheckpoint(specs, load_weights_only(path / LIGHTNING_METADATA), load)
 
 
 def _read_file(path: Path) -> LightningCheckpoint:
-    checkpoint = load_weights_only(path)
+    checkpoint = load_weights_only(path, mmap=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(STATE_DICT_KEY), dict):
         raise ConfigError(
             f"{path} is not a Lightning checkpoint (no {STATE_DICT_KEY!r} mapping). Pass a .ckpt file or a "
             "checkpoint directory that `python main.py fit` wrote (e.g. <log dir>/checkpoints/last.ckpt)."
         )
     state_dict = checkpoint.pop(STATE_DICT_KEY)
-    return LightningCheckpoint(state_dict, checkpoint)
+    specs = {key: TensorSpec(key, tuple(value.shape), value.dtype) for key, value in state_dict.items()
+             if isinstance(value, torch.Tensor)}
+    return LightningCheckpoint(specs, checkpoint, state_dict.__getitem__)
 
 
 def read_checkpoint(path: str | Path) -> LightningCheckpoint:
@@ -89,17 +120,24 @@ def read_checkpoint(path: str | Path) -> LightningCheckpoint:
     )
 
 
-def hf_weights(checkpoint: LightningCheckpoint, source: str | Path) -> dict[str, torch.Tensor]:
-    """The ``LlamaForCausalLM`` tensors under their Hugging Face names (module prefix and wrapper names removed)."""
-    weights = {
-        key[len(MODULE_PREFIX):].replace(WRAPPER_PREFIX, ""): value
-        for key, value in checkpoint.state_dict.items()
+def hf_tensors(checkpoint: LightningCheckpoint, source: str | Path) -> dict[str, str]:
+    """Hugging Face name → checkpoint key of the ``LlamaForCausalLM`` tensors (module prefix and wrapper names
+    removed)."""
+    names = {
+        key[len(MODULE_PREFIX):].replace(WRAPPER_PREFIX, ""): key
+        for key in checkpoint.tensors
         if key.startswith(MODULE_PREFIX)
     }
-    if not weights:
-        found = sorted(checkpoint.state_dict)[:3]
+    if not names:
+        found = sorted(checkpoint.tensors)[:3]
         raise ConfigError(
             f"checkpoint {source} has no '{MODULE_PREFIX}*' weights (found {found}…); it was not written by "
             "llama_ft's LlamaFineTuner. Export checkpoints of `python main.py fit` runs."
         )
-    return weights
+    return names
+
+
+def stream_tensors(checkpoint: LightningCheckpoint, names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(Hugging Face name, tensor)`` pairs in the order of ``names``, each read only when it is next."""
+    for hf_name, key in names.items():
+        yield hf_name, checkpoint.load(key)

@@ -2,7 +2,8 @@
 
 The architecture comes from the hyper-parameters ``LlamaFineTuner`` saved (``model_config`` / ``model_name_or_path``),
 else from the recipe (``--config``, parsed as ``fit`` parses it); the tokenizer from ``--tokenizer``, else the data
-module's saved ``tokenizer``, else the recipe's ``data.tokenizer``.
+module's saved ``tokenizer``, else the recipe's ``data.tokenizer``. The weights are streamed one tensor at a time
+from the checkpoint into the safetensors shards: memory holds one tensor, never the model.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
-from llama_ft.checkpoint.huggingface import read_safetensors, save_hf_directory
+from llama_ft.checkpoint.huggingface import TIED_HEAD, read_safetensors, save_hf_directory, write_hf_directory
 from llama_ft.checkpoint.model_card import TrainingRecord
-from llama_ft.checkpoint.reader import LightningCheckpoint, hf_weights, read_checkpoint
+from llama_ft.checkpoint.reader import LightningCheckpoint, hf_tensors, read_checkpoint, stream_tensors
+from llama_ft.checkpoint.safetensors_stream import DEFAULT_MAX_SHARD_SIZE, TensorSpec, parse_size
 from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
@@ -40,6 +42,8 @@ def add_arguments(parser: LightningArgumentParser) -> None:
     group.add_argument("--adapter_only", type=bool, default=False,
                        help="LoRA runs: write the peft adapter directory (PeftModel.from_pretrained) instead of the "
                             "merged model")
+    group.add_argument("--max_shard_size", type=str, default=DEFAULT_MAX_SHARD_SIZE,
+                       help="largest safetensors file, e.g. 5GB (as save_pretrained's max_shard_size)")
 
 
 def trained_architecture(checkpoint: LightningCheckpoint, recipe: Namespace, source: str | Path) -> LlamaConfig:
@@ -56,20 +60,25 @@ def trained_architecture(checkpoint: LightningCheckpoint, recipe: Namespace, sou
     return resolve_llama_config(values["model_config"], values["model_name_or_path"])
 
 
-def build_model(config: LlamaConfig, weights: dict[str, torch.Tensor], source: str | Path) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` holding exactly ``weights`` (built on the meta device: no second copy in memory)."""
+def check_weights_fit(config: LlamaConfig, checkpoint: LightningCheckpoint, names: dict[str, str],
+                      source: str | Path) -> list[TensorSpec]:
+    """The tensors to write, in the model's order, after checking names and shapes against the architecture (on
+    the meta device: nothing allocated). A tied LM head is written once, as the embedding."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    if missing or result.unexpected_keys:
+        expected = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop(TIED_HEAD, None)
+        names = {name: key for name, key in names.items() if name != TIED_HEAD}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(names)
+                   if checkpoint.tensors[names[name]].shape != expected[name])
+    if missing or unexpected or wrong:
         raise ConfigError(
-            f"checkpoint {source} does not fit the model config {config.to_diff_dict()}: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}. Pass --config with the recipe "
-            "the run used."
+            f"checkpoint {source} does not fit the model config {config.to_diff_dict()}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}. Pass --config with the recipe the run used."
         )
-    model.tie_weights()
-    return model
+    return [TensorSpec(name, expected[name], checkpoint.tensors[names[name]].dtype) for name in expected]
 
 
 def resolve_tokenizer(
@@ -127,7 +136,8 @@ def training_record(checkpoint: LightningCheckpoint, recipe: Namespace) -> Train
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, tokenizer: str | None = None,
-                      overwrite: bool = False, adapter_only: bool = False) -> tuple[Path, str | None]:
+                      overwrite: bool = False, adapter_only: bool = False,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> tuple[Path, str | None]:
     """Write the Hugging Face directory; returns it and a note when no tokenizer could be included.
 
     ``recipe`` is the parsed recipe (its model and data sections). The directory is assembled beside ``out`` and
@@ -139,21 +149,25 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
     ckpt, out = Path(ckpt), Path(out)
     sources = local_sources(ckpt, tokenizer, recipe.model.model_name_or_path, recipe.data.tokenizer)
     check_output_dir(out, "--out", sources, overwrite)
+    parse_size(max_shard_size)
     checkpoint = read_checkpoint(ckpt)
     settings = LoraSettings.parse(checkpoint.hparam("lora"))
     if adapter_only and settings is None:
         raise ConfigError(f"--adapter_only needs a LoRA run's checkpoint; {ckpt} trained every weight (drop the flag).")
-    weights = hf_weights(checkpoint, ckpt)
+    names = hf_tensors(checkpoint, ckpt)
     config = trained_architecture(checkpoint, recipe, ckpt)
+    specs = check_weights_fit(config, checkpoint, names, ckpt) if settings is None else []
     hf_tokenizer, note = resolve_tokenizer(tokenizer, checkpoint, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
     record = training_record(checkpoint, recipe)
     max_new_tokens = int(record.model_hparams.get("max_new_tokens") or 128)
-    if settings is None:
-        save_hf_directory(build_model(config, weights, ckpt), hf_tokenizer, partial, record, max_new_tokens)
-    else:
+    if settings is None:  # streamed, one tensor at a time
+        tensors = stream_tensors(checkpoint, {spec.name: names[spec.name] for spec in specs})
+        write_hf_directory(config, specs, tensors, hf_tokenizer, partial, max_shard_size, record, max_new_tokens)
+    else:  # merging adapters into the base needs the whole model in this process
+        weights = {name: checkpoint.load(key) for name, key in names.items()}
         peft_model = lora_peft_model(checkpoint, weights, config, settings, ckpt)
         if adapter_only:
             peft_model.save_pretrained(partial, safe_serialization=True)
@@ -161,7 +175,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
                 hf_tokenizer.save_pretrained(partial)
             mark_output_dir(partial)
         else:
-            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial, record, max_new_tokens)
+            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial, record, max_new_tokens,
+                              max_shard_size)
     publish(partial, out)
     return out, note
 
@@ -169,7 +184,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
 def run(config: Namespace, argv: list[str]) -> int:
     """Export, and say where (and whether a tokenizer could be included)."""
     out, note = export_checkpoint(config.ckpt, config.out, config, tokenizer=config.tokenizer,
-                                   overwrite=config.overwrite, adapter_only=config.adapter_only)
+                                   overwrite=config.overwrite, adapter_only=config.adapter_only,
+                                   max_shard_size=config.max_shard_size)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     what = "peft adapter directory" if config.adapter_only else "Hugging Face model"

@@ -8,16 +8,15 @@ FSDP2 ``fully_shard`` (embedding, LM head, each decoder layer, root). Each step 
 the reverse order would shard parameters that TP still has to split, or checkpoint modules whose FSDP hooks would
 then rerun inside the recomputation.
 
-Recommended use: build on the meta device, parallelize, allocate only this rank's shards, then load (rank 0 reads the
-full checkpoint; every other rank receives just its slices), so weights never exist unsharded on any other rank::
+Recommended use: build on the meta device, parallelize, allocate only this rank's shards, then load (each rank reads
+only its own slices of the safetensors files), so weights never exist unsharded on any rank::
 
     mesh = build_device_mesh(layout, "cuda")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     apply_layout(model, layout, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     materialize(model, device)
-    set_model_state_dict(model, full_sd if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    load_sharded_weights(model, checkpoint_dir)  # llama_ft.checkpoint.huggingface
 """
 
 from __future__ import annotations

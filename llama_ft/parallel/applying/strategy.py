@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
+from llama_ft.callbacks.watchdog import expect_silence
 from llama_ft.checkpoint import atomic as checkpointing
 from llama_ft.checkpoint.partial import load_partial_distributed_checkpoint
 from llama_ft.errors import ConfigError
@@ -37,6 +41,7 @@ Auto = Literal["auto"]
 PLAN_FILENAME = "plan.json"
 PLAN_REPORT_FILENAME = "plan.txt"
 PLOT_FILENAME = "plan.png"
+LIGHTNING_METADATA = "meta.pt"  # Lightning's ModelParallelStrategy keeps the non-tensor state under this name
 
 # FSDP2 mixed-precision policy per Lightning precision: (compute/param dtype, gradient reduce dtype).
 _MIXED_PRECISION = {
@@ -73,6 +78,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         peak_tflops: float | None = None,
         inter_node_gbps: float | None = None,
         save_distributed_checkpoint: bool = True,
+        async_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -94,8 +100,11 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         self.device_memory_gib = device_memory_gib
         self.peak_tflops = peak_tflops
         self.inter_node_gbps = inter_node_gbps
+        self.async_checkpoint = async_checkpoint
         self.plan_result: PlanResult | None = None
         self.plan_path: Path | None = None  # plan.json, on rank 0 once planned
+        self._pending_save: Future[None] | None = None
+        self._checkpoint_group: dist.ProcessGroup | None = None
 
     @property
     def precision_plugin(self) -> Precision:
@@ -232,6 +241,7 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
         if self.lightning_module.strict_loading or not path.is_dir():
             return super().load_checkpoint(path, weights_only=weights_only)
         return load_partial_distributed_checkpoint(path, self.model, self.optimizers, weights_only)
+
     def backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Under TP the loss's backward runs under ``loss_parallel`` (vocabulary-sharded logits, ``llama_ft.loss``)."""
         assert self.plan_result is not None
@@ -246,17 +256,64 @@ class AdvancedParallelStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Save beside ``filepath`` and swap the complete checkpoint in afterwards: Lightning rewrites ``last.ckpt``
-        in place, so a crash mid-save would otherwise tear the only resumable checkpoint (llama_ft.checkpoint)."""
+        in place, so a crash mid-save would otherwise tear the only resumable checkpoint (llama_ft.checkpoint).
+
+        With ``async_checkpoint`` (distributed checkpoints only) the shards are copied to host memory here and
+        written by a background thread while training goes on; rank 0 publishes the directory once every rank's
+        write has finished. A save waits for the one before it, so two never overlap.
+        """
+        self.wait_for_checkpoint()
         target = Path(self.broadcast(str(filepath)))
         partial = checkpointing.partial_path(target)
         if self.global_rank == 0:
             checkpointing.remove_stale_partials(target.parent)
         self.barrier()
-        super().save_checkpoint(checkpoint, partial, storage_options=storage_options)
+        with expect_silence(f"saving {target}"):
+            if self.async_checkpoint and self._save_distributed_checkpoint:
+                self._pending_save = self._save_in_background(checkpoint, partial, target)
+                return
+            super().save_checkpoint(checkpoint, partial, storage_options=storage_options)
         self.barrier()
         if self.global_rank == 0:
             checkpointing.publish(partial, target)
         self.barrier()
+
+    def _save_in_background(self, checkpoint: dict[str, Any], partial: Path, target: Path) -> Future[None]:
+        """Lightning's distributed layout (``state_dict``, ``optimizer_<i>`` shards + ``meta.pt``) through
+        ``dcp.async_save``. Its collectives run on a gloo group of their own, never on the one training uses."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        partial.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        if self.global_rank == 0:
+            torch.save(checkpoint, partial / LIGHTNING_METADATA)
+        written = dcp.async_save(state, checkpoint_id=partial, process_group=self._checkpoint_group)
+        if self.global_rank != 0:
+            return written
+        published: Future[None] = Future()
+
+        def publish(done: Any) -> None:
+            try:
+                done.result()
+                checkpointing.publish(partial, target)
+                published.set_result(None)
+            except BaseException as err:  # surfaced by wait_for_checkpoint on the training thread
+                published.set_exception(err)
+
+        written.add_done_callback(publish)
+        return published
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background save has been written (and, on rank 0, published); raise its error if any."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            with expect_silence("finishing a background checkpoint save"):
+                pending.result()
+
+    def teardown(self) -> None:
+        self.wait_for_checkpoint()
+        super().teardown()
 
 
 AdvancedParallelStrategy.register_strategies(StrategyRegistry)
