@@ -231,7 +231,7 @@ def format_plan_summary(result: PlanResult, report_path: Path, json_path: Path, 
     rejected = len(summarize_rejections(result.rejected))
     return "\n".join([
         f"Plan for {result.cluster.describe()}:",
-        *_chosen_lines(result.chosen),
+        *_chosen_lines(result.chosen, result.cluster.devices_per_node),
         f"  report  {report_path} ({len(result.candidates)} feasible plans ranked, {rejected} layouts rejected); "
         f"JSON {json_path}" + (f"; picture {plot_path}" if plot_path is not None else ""),
     ])
