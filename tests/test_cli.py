@@ -13,8 +13,8 @@ QUICK = ["--data.max_examples_per_split=16", "--model.max_new_tokens=4"]
 
 
 def _run(command: str, tmp_path, *extra: str) -> None:
-    main([command, f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-          f"--data.cache_dir={tmp_path / 'cache'}", *QUICK, *extra])
+    assert main([command, f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                 f"--data.cache_dir={tmp_path / 'cache'}", *QUICK, *extra]) == 0
 
 
 @pytest.mark.slow

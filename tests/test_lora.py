@@ -23,11 +23,11 @@ RUN_TIMEOUT_S = 300
 
 
 def _fit(root: Path, *extra: str) -> None:
-    main(["fit", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+    assert main(["fit", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
           "--trainer.logger.init_args.name=tb", "--trainer.logger.init_args.version=run",
           f"--data.cache_dir={root.parent / 'cache'}", "--data.max_examples_per_split=16", "--data.max_length=128",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-          f"--model.hf_export_dir={root / 'trained_hf'}", *extra])
+          f"--model.hf_export_dir={root / 'trained_hf'}", *extra]) == 0
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

@@ -77,6 +77,11 @@ def find_last(trainer: Namespace) -> tuple[Path | None, str]:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal as values: a parsed group (``Namespace``) against the plain mapping the checkpoint saved, a list
+    against a tuple."""
+    a, b = (v.as_dict() if isinstance(v, Namespace) else v for v in (a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
