@@ -23,6 +23,25 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama_ft.data.sources import load_tokenizer
 from tests.helpers import HUB_README, tiny_llama_config
 
+# The environment as the session starts. A fit run inside the test process (``main([...])``) leaves Lightning's
+# variables behind (LOCAL_RANK, NODE_RANK, MASTER_PORT, …); a later ``main.py fit`` child inheriting LOCAL_RANK
+# believes its processes were launched for it and waits for ranks that never start.
+_SESSION_ENVIRONMENT = dict(os.environ)
+
+
+def _restore_session_environment() -> None:
+    for key in [k for k in os.environ if k not in _SESSION_ENVIRONMENT and k != "PYTEST_CURRENT_TEST"]:
+        del os.environ[key]
+    os.environ.update(_SESSION_ENVIRONMENT)
+
+
+@pytest.fixture(autouse=True)
+def _session_environment():
+    """Each test starts and ends with the session's environment (pytest's own PYTEST_CURRENT_TEST aside)."""
+    _restore_session_environment()
+    yield
+    _restore_session_environment()
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

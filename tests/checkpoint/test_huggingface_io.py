@@ -64,8 +64,12 @@ def input_ids() -> torch.Tensor:
 
 
 def logits(model: LlamaForCausalLM) -> torch.Tensor:
+    """Full logits (tensor parallel keeps them vocabulary-sharded: loss parallelism)."""
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
-        return model.eval()(input_ids=input_ids()).logits
+        out = model.eval()(input_ids=input_ids()).logits
+    return out.full_tensor() if isinstance(out, DTensor) else out
 
 
 def reference_logits(directory: Path) -> torch.Tensor:

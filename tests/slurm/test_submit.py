@@ -24,7 +24,7 @@ def test_submitted_job_fits_on_two_ranks_with_the_advanced_strategy(uninterrupte
     assert f"Submitted batch job {job.job_id}" in job.submit_output
 
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, context
-    assert "Cluster:" in log and "feasible plans" in log, context  # the advanced strategy's plan report
+    assert "Plan for 1 node" in log and "feasible plans ranked" in log, context  # the advanced strategy's plan
     assert (job.run_dir / "plan.json").is_file()
     assert f"[step-marker] step {MAX_STEPS}" in log, context
     assert "attempt 2" not in log, context

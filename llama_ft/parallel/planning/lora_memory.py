@@ -22,7 +22,6 @@ from dataclasses import replace
 from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.activations import (
     logits_forward_bytes,
-    logits_vocab,
     loss_backward_bytes,
     recompute_activation_bytes,
     saved_activation_bytes,
@@ -108,7 +107,6 @@ def estimate_lora_memory(model: ModelSpec, train: TrainSpec, layout: Layout, mic
     lingering = vocab_matrix * e if fsdp and not model.tied_embeddings else 0.0
     layer = layer_params_per_tp_rank(model, tp) * e
     activations = _layer_activations(model, lora, layout, b, s, e, coeffs)
-    upcast = 4 if e < 4 else 0
 
     def states(phase: str, grads: float, **terms: float) -> MemoryBreakdown:
         values = dict(adam_moments=moments, optimizer_temporaries=0.0, working_weights=0.0, activations=0.0,
@@ -117,8 +115,7 @@ def estimate_lora_memory(model: ModelSpec, train: TrainSpec, layout: Layout, mic
 
     phases = [
         states("end of forward", early_grads, working_weights=held, activations=activations,
-               logits=logits_forward_bytes(model, layout, b, s, e, coeffs)
-               + b * s * logits_vocab(model, layout, coeffs) * upcast, communication_buffers=lingering),
+               logits=logits_forward_bytes(model, layout, b, s, e, coeffs), communication_buffers=lingering),
         states("loss backward", early_grads, working_weights=held, activations=activations,
                logits=loss_backward_bytes(model, layout, b, s, coeffs)),
         states("layer backward", early_grads, working_weights=held if not fsdp else 0.0,
