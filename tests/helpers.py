@@ -7,7 +7,10 @@ which pytest loads before any test module.
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 from pathlib import Path
+from typing import TextIO
 
 from transformers import LlamaConfig
 
@@ -47,3 +50,19 @@ def news_rows(n: int, article_words: int = 60, prefix: str = "r") -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def wait_or_kill(procs: list[subprocess.Popen], timeout_s: float, log_file: TextIO) -> None:
+    """Wait for every launched rank within one shared deadline; kill the stragglers (a hard timeout for
+    multi-process tests), noting it in their log."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        log_file.write(f"\n[launcher] killed after {timeout_s} s\n")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

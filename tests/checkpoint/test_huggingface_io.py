@@ -15,7 +15,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -111,15 +110,9 @@ def _launch(world_size: int, root: Path) -> str:
     with log_path.open("w") as log_file:
         procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(world_size), str(store.port), str(root)],
                                   env=env, stdout=log_file, stderr=subprocess.STDOUT) for rank in range(world_size)]
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        try:
-            for proc in procs:
-                proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        from tests.helpers import wait_or_kill  # parent only: the ranks run this file as a script
+
+        wait_or_kill(procs, LAUNCH_TIMEOUT_S, log_file)
     del store
     return log_path.read_text()
 

@@ -198,17 +198,9 @@ def _launch(world_size: int, out: Path) -> str:
             )
             for rank in range(world_size)
         ]
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        try:
-            for proc in procs:
-                proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            log_file.write(f"\n[launcher] killed after {LAUNCH_TIMEOUT_S} s\n")
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        from tests.helpers import wait_or_kill  # parent only: the ranks run this file as a script
+
+        wait_or_kill(procs, LAUNCH_TIMEOUT_S, log_file)
     del store
     return log_path.read_text()
 
