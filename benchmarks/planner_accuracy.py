@@ -120,7 +120,7 @@ def lean_rows(model: str, quick: bool) -> list[Case]:
             Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="full"), 1, 4096)]
     if not quick:
         rows += [Case(model, Layout(dp_shard=4, tp=2, activation_checkpointing="selective"), 1, 4096),
-                 Case(model, Layout(dp_shard=8, activation_checkpointing="full"), 1, 1024, "foreach")]
+                 Case(model, Layout(dp_shard=8, activation_checkpointing="full"), 1, 1024, optimizer="foreach")]
     return rows
 
 
