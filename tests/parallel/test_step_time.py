@@ -72,4 +72,18 @@ def test_published_runs_are_predicted_within_the_targets():
     spec.loader.exec_module(module)
     _, stats = module.build_table()
     assert stats["median"] <= 0.10
-    assert stats["within"] >= stats["rows"] - 1  # one IBM row (13B HSDP, micro-batch 1) is 27% off; see the table
+    assert stats["within"] >= stats["rows"] - 1  # one IBM row (13B HSDP, micro-batch 1) is 24% off; see the table
+
+
+def test_bf16_gradient_reduction_halves_the_hsdp_replica_traffic():
+    """Code that reduces gradients in bf16 (IBM's fms-fsdp) moves half the bytes across nodes of what apply.py's fp32
+    reduction moves; compute is unchanged."""
+    model = ModelSpec.from_preset("llama-3-8b")
+    cluster = ClusterSpec.from_accelerator("a100-80gb", 4, 8).with_node_network(100)
+    train = TrainSpec(4096, 64, "bf16-mixed")
+    layout = Layout(dp_replicate=4, dp_shard=8, activation_checkpointing="none")
+    fp32 = estimate_step_time(model, cluster, train, layout, 2, 1)
+    bf16 = estimate_step_time(model, cluster, train, layout, 2, 1,
+                              replace(DEFAULT_COEFFICIENTS, bf16_gradient_reduction=True))
+    assert bf16.compute_s == pytest.approx(fp32.compute_s)
+    assert bf16.exposed_communication_s < fp32.exposed_communication_s

@@ -55,6 +55,9 @@ class CostCoefficients:
     # foreach AdamW's temporaries (the fine-tuner's choice on CPU): one more fp32 copy of the local parameters on
     # top of the two moments (simulated). Fused AdamW (its choice on CUDA) updates in place and makes none.
     optimizer_step_copies: float = 1.0
+    # ``apply.py`` reduce-scatters (and all-reduces) gradients in fp32. True models code that reduces them in bf16
+    # (e.g. IBM's fms-fsdp ``bfSixteen`` policy, reduce_dtype bfloat16): half the bytes on the wire and in buffers.
+    bf16_gradient_reduction: bool = False
     ddp_bucket_copy: bool = True  # DDP's default buckets duplicate the gradients (gradient_as_bucket_view=False)
     workspace_bytes: int = GiB // 2  # cuBLAS/NCCL workspaces and other allocations outside the model
     fragmentation: float = 0.05  # caching-allocator fragmentation, as a fraction of everything else
@@ -102,7 +105,7 @@ class PrecisionProfile:
 def precision_profile(precision: str, coeffs: CostCoefficients = DEFAULT_COEFFICIENTS) -> PrecisionProfile:
     """Mixed precision keeps fp32 master weights, grads and Adam moments (16 B/param); "true" keeps all in one dtype."""
     if precision in ("bf16-mixed", "16-mixed"):
-        return PrecisionProfile(4, 4, 8, 2, 4, True, 1.0)
+        return PrecisionProfile(4, 4, 8, 2, 2 if coeffs.bf16_gradient_reduction else 4, True, 1.0)
     if precision in ("bf16-true", "16-true"):
         return PrecisionProfile(2, 2, 4, 2, 2, False, 1.0)
     return PrecisionProfile(4, 4, 8, 4, 4, False, coeffs.fp32_matmul_fraction)
