@@ -84,3 +84,13 @@ def test_every_entry_point_plans_without_importing_torch(entry):
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "llama_ft" in imported and not imported & set(HEAVY)
+
+
+def test_a_model_config_that_leaves_out_a_size_is_refused_in_one_line(tmp_path, capsys):
+    """Read as plain JSON, a missing size cannot silently become transformers' default (a 7B shape)."""
+    config = json.loads((REPO_ROOT / "llama_ft" / "presets" / "models" / "llama-tiny.json").read_text())
+    del config["vocab_size"]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(config))
+    assert fast_plan.main(["plan", "--model", str(partial), "--devices", "2", "--gpu", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {partial}: vocab_size is missing")
