@@ -1,19 +1,22 @@
-"""How long planning takes as the cluster grows, against the 1-second target, and what a cold start costs.
+"""How long planning takes as the cluster grows, against the 1-second target, and what ``llama-ft plan`` costs.
 
 Prints two markdown tables: (1) the planner API call (Llama-3-8B and Llama-3-70B on 8 … 4096 H100s), best of a few
 repeats so a busy shared machine inflates it less; the global batch grows with the cluster (2 sequences per device,
-at least 256) so that every size has layouts to choose from. (2) Wall time of fresh processes, once each: the
-planning modules alone (imported without the ``llama_ft`` package's ``__init__``, which loads the Lightning classes
-and torch) planning 8B on 8 H100s, the same through a normal ``import llama_ft...``, and the ``llama-ft plan`` command
-(which parses the recipe with the same LightningCLI classes as ``fit``, so it imports Lightning and torch). With
-``--write`` also writes ``benchmarks/results/planner_speed.md``. Run: ``.venv/bin/python benchmarks/planner_speed.py``.
+at least 256) so that every size has layouts to choose from. (2) Wall time of fresh processes, median of 3 each:
+importing the planner through the package and planning 8B on 8 H100s; ``llama-ft plan`` naming no recipe (the fast
+path: no Lightning, torch or transformers); and the same plan with a recipe (``--config``; LightningCLI parses it
+with the fit classes, which imports Lightning and torch) as the baseline. Both commands must print the same plan.
+With ``--write`` also writes ``benchmarks/results/planner_speed.md``. Run: ``.venv/bin/python
+benchmarks/planner_speed.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,46 +29,61 @@ TARGET_CLI_S = 2.0
 DEVICES = (8, 64, 512, 4096)
 MODELS = ("llama-3-8b", "llama-3-70b")
 REPEATS = 5
+COLD_REPEATS = 3
 RESULT = Path(__file__).resolve().parent / "results" / "planner_speed.md"
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "lightning")
-
-# Run in a fresh interpreter: plan 8B on 8 H100s and report which heavy libraries got imported. ``BARE`` replaces the
-# two package ``__init__`` modules above the planning package by empty packages, so only planning's own imports load.
-COLD_PLAN = """
-import sys, time, types
-start = time.perf_counter()
-if {bare}:
-    for name, path in (("llama_ft", "{root}/llama_ft"), ("llama_ft.parallel", "{root}/llama_ft/parallel")):
-        package = types.ModuleType(name)
-        package.__path__ = [path]
-        sys.modules[name] = package
+HEAVY = ("torch", "transformers", "lightning", "matplotlib")
+# Printed to stderr as the child exits: which heavy libraries it imported (costs nothing while it runs).
+REPORT_HEAVY = (f"import atexit, sys; atexit.register(lambda: print('heavy:', ','.join(m for m in {HEAVY} "
+                "if m in sys.modules) or 'none', file=sys.stderr))\n")
+# Import planning through the package (as a user would), plan 8B on 8 H100s.
+IMPORT_AND_PLAN = REPORT_HEAVY + """
 from llama_ft.parallel.planning.planner import plan_parallelism
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
-result = plan_parallelism(ModelSpec.from_preset("llama-3-8b"), ClusterSpec.from_accelerator("h100-80gb", 1, 8),
-                          TrainSpec(1024, 256, "bf16-mixed"))
-print(time.perf_counter() - start, ",".join(m for m in {heavy} if m in sys.modules) or "none")
+plan_parallelism(ModelSpec.from_preset("llama-3-8b"), ClusterSpec.from_accelerator("h100-80gb", 1, 8),
+                 TrainSpec(1024, 256, "bf16-mixed"))
 """
+# What the ``llama-ft`` console script runs.
+CONSOLE_SCRIPT = REPORT_HEAVY + "from llama_ft.cli import main\nsys.exit(main())\n"
+CLUSTER = ["--nodes", "1", "--devices", "8", "--gpu", "h100-80gb"]
+RECIPE = "model:\n  model_config: llama-3-8b\n"  # the fast path's `--model llama-3-8b`, as a recipe
+
+
+def cold_run(code: str, args: list[str]) -> tuple[float, str, str]:
+    """Wall seconds of one fresh interpreter running ``code`` with ``args``, its stdout and heavy libraries."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, cwd=ROOT,
+                          timeout=300)
+    wall = time.perf_counter() - start
+    heavy = next(line for line in proc.stderr.splitlines() if line.startswith("heavy: "))
+    return wall, proc.stdout, heavy.removeprefix("heavy: ")
 
 
 def cold_start_rows() -> list[str]:
-    """Fresh-process wall times: bare planning, planning through the package, and the CLI command."""
+    """Median wall of fresh processes: planning through the package, the fast ``plan``, ``plan`` with a recipe."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(RECIPE)
+        cases = [
+            ("import planning through `llama_ft` and plan (API)", IMPORT_AND_PLAN, []),
+            ("`llama-ft plan --model llama-3-8b --nodes 1 --devices 8 --gpu h100-80gb` (no recipe: fast path)",
+             CONSOLE_SCRIPT, ["plan", "--model", "llama-3-8b", *CLUSTER]),
+            ("`llama-ft plan --config RECIPE --nodes 1 --devices 8 --gpu h100-80gb` (LightningCLI, baseline)",
+             CONSOLE_SCRIPT, ["plan", "--config", str(recipe), *CLUSTER]),
+        ]
+        measured = []
+        for label, code, args in cases:
+            runs = [cold_run(code, args) for _ in range(COLD_REPEATS)]
+            measured.append((label, [r[0] for r in runs], runs[0][1], runs[0][2]))
+    fast_out, slow_out = measured[1][2], measured[2][2]
+    if fast_out != slow_out:
+        raise SystemExit("the fast path and the recipe path printed different plans")
+    baseline = statistics.median(measured[2][1])
     rows = []
-    for label, bare in (("planning modules alone (no package `__init__`)", True),
-                        ("`import llama_ft.parallel.planning.planner` (package `__init__` loads Lightning)", False)):
-        code = COLD_PLAN.format(bare=bare, root=ROOT, heavy=HEAVY)
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                             timeout=300).stdout.split()
-        wall = time.perf_counter() - start
-        rows.append(f"| {label} | {float(out[0]):.2f} | {wall:.2f} | {wall / TARGET_CLI_S:.2f} | {out[1]} |")
-    command = [sys.executable, "-m", "llama_ft", "plan", "--model", "llama-3-8b", "--nodes", "1", "--devices", "8",
-               "--gpu", "h100-80gb"]
-    start = time.perf_counter()
-    subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, timeout=300)
-    wall = time.perf_counter() - start
-    rows.append(f"| `llama-ft plan --model llama-3-8b --nodes 1 --devices 8 --gpu h100-80gb` | – | {wall:.2f} | "
-                f"{wall / TARGET_CLI_S:.2f} | torch, lightning (LightningCLI parser) |")
+    for label, walls, _, heavy in measured:
+        median = statistics.median(walls)
+        rows.append(f"| {label} | {median:.2f} | {' / '.join(f'{w:.2f}' for w in walls)} | {median / baseline:.3f} | "
+                    f"{median / TARGET_CLI_S:.2f} | {heavy} |")
     return rows
 
 
@@ -102,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     header = ("# Planner speed\n\nBest of 5 runs, `h100-80gb` nodes of 8, sequence 1024, bf16-mixed. "
               "Ratio = plan time / 1 s target (lower is better; < 1 meets the target).\n\n")
     cold = "\n".join([
-        "\n\n## Cold start (fresh process, once each; 8B on 8 × H100)\n",
-        "Ratio = wall time / 2 s target. \"in process\" is import + plan as timed inside the child; \"wall\" adds "
-        "interpreter start-up.\n",
-        "| what | in process (s) | wall (s) | ratio to 2 s | heavy libraries imported |",
-        "|---|---:|---:|---:|---|",
+        f"\n\n## Cold start (fresh process, median of {COLD_REPEATS}; 8B on 8 × H100)\n",
+        "Wall time including interpreter start-up. Ratio to baseline = median / median of `plan` with a recipe (the "
+        "LightningCLI path, measured in the same run); both `plan` commands printed the same plan.\n",
+        "| what | median wall (s) | runs (s) | ratio to baseline | ratio to 2 s target | heavy libraries imported |",
+        "|---|---:|---|---:|---:|---|",
         *cold_start_rows(),
     ])
     print(header + table + cold)

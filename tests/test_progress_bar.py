@@ -30,7 +30,7 @@ def test_an_epoch_bounded_run_counts_all_its_steps(tmp_path):
 def test_the_cli_uses_it_unless_the_recipe_names_a_bar(tmp_path):
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from llama_ft.cli.main import LlamaCLI
+    from llama_ft.cli.lightning_cli import LlamaCLI
     from llama_ft.presets import DEFAULT_RECIPE
 
     common = ["--config", str(DEFAULT_RECIPE), f"--trainer.default_root_dir={tmp_path}"]

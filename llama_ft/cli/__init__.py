@@ -1,5 +1,24 @@
-"""The one command-line program, ``llama-ft`` (= ``python main.py``): fit validate test predict plan slurm export."""
+"""The one command-line program, ``llama-ft`` (= ``python main.py`` = ``python -m llama_ft``): fit validate test
+predict plan slurm export.
 
-from llama_ft.cli.main import main
+``plan`` without a recipe answers here without loading Lightning or torch (``fast_plan``); every other command line
+goes to the LightningCLI program (``lightning_cli``).
+"""
+
+from __future__ import annotations
+
+import sys
 
 __all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command (``argv`` defaults to ``sys.argv[1:]``) and return its exit code."""
+    from llama_ft.cli import fast_plan
+
+    status = fast_plan.main(list(sys.argv[1:] if argv is None else argv))
+    if status is not None:
+        return status
+    from llama_ft.cli.lightning_cli import main as lightning_main
+
+    return lightning_main(argv)

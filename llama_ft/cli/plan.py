@@ -2,7 +2,8 @@
 
 Nothing is built or loaded but the model's config, so this runs on a laptop for any cluster size. The recipe is
 parsed by the same classes as ``fit``; the flags below describe the cluster and override the recipe's sequence
-length, global batch, precision and strategy pins. ``--verify`` adds a fake-tensor simulation of the chosen plan's
+length, global batch, precision and strategy pins. Without a recipe, ``fast_plan`` parses the same flags without
+Lightning. ``--verify`` adds a fake-tensor simulation of the chosen plan's
 training step at full size (tens of seconds on a CPU, no GPU) and replaces the choice if it does not fit.
 """
 
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
-from lightning.pytorch.cli import LightningArgumentParser
-from transformers import LlamaConfig
 
 from llama_ft.data.lengths import expected_row_tokens
 from llama_ft.errors import ConfigError
@@ -23,7 +22,10 @@ from llama_ft.parallel.planning.accelerators import accelerator_names
 from llama_ft.parallel.planning.planner import DEFAULT_MEMORY_FRACTION, PlanPins, PlanResult, plan_parallelism
 from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
 from llama_ft.parallel.planning.specs import ClusterSpec, LoraSpec, ModelSpec, TrainSpec, normalize_precision
-from llama_ft.presets import resolve_llama_config
+from llama_ft.presets import llama_config_from_dict, resolve_config_dict
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 DESCRIPTION = "Predict memory and speed of every parallel layout for a recipe on a cluster, and pick one."
 PIN_KEYS = ("tp_size", "dp_shard_size", "dp_replicate_size", "activation_checkpointing", "micro_batch_size",
@@ -33,8 +35,9 @@ SHORTHANDS = {"--model": "--model.model_config"}
 UsableFraction = restricted_number_type("UsableFraction", float, [(">", 0.0), ("<=", 1.0)])
 
 
-def add_arguments(parser: LightningArgumentParser) -> None:
-    """The cluster to plan for, overrides of the recipe, pins and output form."""
+def add_arguments(parser: ArgumentParser) -> None:
+    """The cluster to plan for, overrides of the recipe, pins and output form (the subcommand's and the fast
+    path's)."""
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--nodes", type=PositiveInt | None, help="nodes (default: trainer.num_nodes)")
     cluster.add_argument("--devices", type=PositiveInt | None, help="devices per node (default: trainer.devices)")
@@ -88,26 +91,27 @@ def strategy_pins(strategy: Any) -> tuple[dict[str, Any], bool]:
     return {}, False
 
 
-def resolve_model(config: Namespace) -> tuple[ModelSpec, LlamaConfig]:
-    """The architecture from the model section (``--model NAME`` is shorthand for ``--model.model_config``)."""
+def resolve_model(config: Namespace) -> tuple[ModelSpec, dict[str, Any]]:
+    """The architecture from the model section (``--model NAME`` is shorthand for ``--model.model_config``), and
+    the config dict it came from."""
     source = config.model.model_config or config.model.model_name_or_path
     if source is None:
         raise ConfigError("no model: pass --model PRESET_OR_CONFIG_JSON, or --config with model.model_config.")
-    llama = resolve_llama_config(config.model.model_config, config.model.model_name_or_path)
+    llama = resolve_config_dict(config.model.model_config, config.model.model_name_or_path)
     text = str(source)
     name = text if "/" not in text and not text.endswith(".json") else Path(text).stem
-    return ModelSpec.from_llama_config(llama, name=name), llama
+    return ModelSpec.from_config_dict(llama, name=name), llama
 
 
 def resolve_train(config: Namespace, cluster: ClusterSpec) -> TrainSpec:
     """The recipe's sizes; real tokens per row follow the data's batching mode (``llama_ft.data.lengths``); AdamW
     runs fused on GPUs and foreach on CPUs (as ``LlamaFineTuner`` configures it)."""
-    precision = config.precision or config.trainer.precision or "32-true"  # Lightning's default
+    precision = config.precision or config.trainer.precision  # None: the Trainer's default
     seq_len = config.seq_len or config.data.max_length
     rows = expected_row_tokens(str(config.data.dataset), str(config.data.batching), seq_len)
     lora = config.model.get("lora")  # a Namespace of LoraSettings' fields, or None (full fine-tuning)
     return TrainSpec(seq_len, config.global_batch_size or config.data.global_batch_size,
-                     normalize_precision(str(precision)), mean_tokens_per_row=rows.mean,
+                     normalize_precision(precision), mean_tokens_per_row=rows.mean,
                      pads_to_max=rows.pads_to_max,
                      lora=None if lora is None else LoraSpec(lora.r, tuple(lora.target_modules), lora.dropout),
                      fused_optimizer=cluster.accelerator != "cpu")
@@ -166,7 +170,7 @@ def run(config: Namespace, argv: list[str]) -> int:
     cluster = resolve_cluster(config)
     result = plan_parallelism(model, cluster, resolve_train(config, cluster), pins, **fraction_kwargs)
     if config.verify or config.verify_top:
-        status, result = print_verified(result, llama, config)
+        status, result = print_verified(result, llama_config_from_dict(llama), config)
     elif config.json:
         print(json.dumps(plan_result_to_dict(result, max_candidates=config.top), indent=2))
         status = 0

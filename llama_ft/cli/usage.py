@@ -3,11 +3,12 @@ multi-line explanation; the user needs the key, the value and what it must be.""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import NoReturn
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningArgumentParser
 
 from llama_ft.errors import ConfigError
 
@@ -46,15 +47,29 @@ def one_line(message: str, prog: str) -> str:
     return f"{head}. Run `{prog} --help` for the accepted options and values."
 
 
-class OneLineErrorParser(LightningArgumentParser):
-    """The program's parser: a refused command line ends as a ``UsageError`` (one line, exit 2 in ``main``).
+class OneLineErrors:
+    """Mixed into the program's parsers: a refused command line ends as a ``UsageError`` (one line, exit 2 in
+    ``main``).
 
     Parsers that jsonargparse uses internally to try alternatives (``exit_on_error=False``) keep raising its own
     ``ArgumentError``, which it catches; ``--help`` is not an error and is untouched.
     """
 
+    exit_on_error: bool
+    prog: str
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
-            ArgumentParser.error(self, message, ex)
+            ArgumentParser.error(self, message, ex)  # type: ignore[arg-type]
         prog = getattr(ex, "subcommand_parser", None) or self
         raise UsageError(one_line(message, prog.prog.replace(" [options]", ""))) from ex
+
+
+def report(err: Exception, speak: bool = True) -> int:
+    """Exit status 2 for input that cannot work, with ``error: <message>`` on stderr where ``speak`` (one process of
+    many says it); LLAMA_FT_DEBUG=1 re-raises instead, for the traceback."""
+    if os.environ.get("LLAMA_FT_DEBUG") == "1":
+        raise err
+    if speak:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2

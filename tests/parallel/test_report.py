@@ -86,17 +86,17 @@ def test_plot_draws_the_top_candidates_and_never_replaces_a_foreign_file(tmp_pat
 
 @pytest.mark.timeout(120)
 def test_planning_modules_import_no_torch_transformers_or_lightning():
-    """Load the planning package without the package ``__init__``s above it (which register the Lightning
-    strategy): planning itself must not pull in torch, transformers, lightning or matplotlib."""
+    """Import planning as a user would (through the ``llama_ft`` package ``__init__``s) and plan: nothing on that
+    path may pull in torch, transformers, lightning or matplotlib."""
     code = (
-        "import sys, types\n"
-        f"for name, path in (('llama_ft', {str(ROOT / 'llama_ft')!r}), "
-        f"('llama_ft.parallel', {str(ROOT / 'llama_ft' / 'parallel')!r})):\n"
-        "    package = types.ModuleType(name); package.__path__ = [path]; sys.modules[name] = package\n"
-        "import llama_ft.parallel.planning.planner, llama_ft.parallel.planning.report\n"
-        "from llama_ft.parallel.planning.specs import ModelSpec\n"
-        "ModelSpec.from_preset('llama-3-8b')\n"
+        "import sys\n"
+        "import llama_ft.parallel.planning.planner as planner, llama_ft.parallel.planning.report as report\n"
+        "from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec\n"
+        "cluster, train = ClusterSpec.from_accelerator('h100-80gb', 1, 8), TrainSpec(1024, 256, 'bf16-mixed')\n"
+        "result = planner.plan_parallelism(ModelSpec.from_preset('llama-3-8b'), cluster, train)\n"
+        "report.format_plan_report(result)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'matplotlib') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True,
+                         cwd=ROOT)
     assert out.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llama_ft.defaults import TRAINER_PRECISION
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
 from llama_ft.parallel.planning.units import GIGA, TERA, GiB, readable_count
@@ -79,7 +80,12 @@ class ModelSpec:
         data = json.loads(path.read_text())
         if data.get("model_type") != "llama":
             raise ConfigError(f"{path} describes a {data.get('model_type')!r} model; the planner models Llama only.")
-        return cls.from_llama_config(_Attributes(data), name=path.stem)
+        return cls.from_config_dict(data, name=path.stem)
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any], name: str | None = None) -> ModelSpec:
+        """Read the sizes from a LlamaConfig's dict (``config.json``), as ``from_llama_config`` reads the object."""
+        return cls.from_llama_config(_Attributes(data), name=name)
 
     # --- dimensions the cost model reads -------------------------------------------------------------------
     @property
@@ -328,9 +334,9 @@ OPTIMIZERS = ("adamw",)
 
 
 def normalize_precision(precision: str | int | None) -> str:
-    """Lightning's canonical precision string for any spelling it accepts; None means its default, 32-true."""
+    """Lightning's canonical precision string for any spelling it accepts; None means the Trainer's default."""
     if precision is None:
-        return "32-true"
+        return TRAINER_PRECISION
     key = str(precision).strip().lower()
     if key not in _PRECISION_ALIASES:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""The ``llama-ft`` program: LightningCLI's fit/validate/test/predict plus the plan, slurm and export commands.
+"""The LightningCLI program: fit/validate/test/predict plus the plan, slurm and export commands.
 
 Every command parses recipes with the same parser pieces (Trainer, ``LlamaFineTuner``, ``CNNDailyMailDataModule``),
 so a recipe means the same thing everywhere and defaults come from the classes' signatures. The extra commands
@@ -8,7 +8,6 @@ parse but never instantiate the classes: they read the parsed recipe and do thei
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 from types import ModuleType
@@ -23,12 +22,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 
-import llama_ft.parallel  # noqa: F401  (registers the "advanced" strategy in every launched process)
+import llama_ft.parallel.applying.strategy  # noqa: F401  (registers the "advanced" strategy in every launched process)
 from llama_ft.callbacks import JsonlPredictionWriter, StepProgressBar
 from llama_ft.cli.outputs import check_run_outputs
 from llama_ft.cli.quiet import silence_wrong_messages
 from llama_ft.cli.resume import prepare_checkpoint
-from llama_ft.cli.usage import OneLineErrorParser
+from llama_ft.cli.usage import OneLineErrors, report
 from llama_ft.data import CNNDailyMailDataModule
 from llama_ft.errors import ConfigError, LlamaFTError
 from llama_ft.module import LlamaFineTuner
@@ -44,6 +43,10 @@ EMBEDDED_DEFAULT_COMMANDS = (*TRAINER_COMMANDS, "slurm")
 
 def _extra_command(name: str) -> ModuleType:
     return importlib.import_module(EXTRA_COMMANDS[name])
+
+
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
+    """The program's parser: a refused command line is one line (``OneLineErrors``)."""
 
 
 class LlamaCLI(LightningCLI):
@@ -189,8 +192,4 @@ def main(argv: list[str] | None = None) -> int:
             return LlamaCLI().exit_code
         return LlamaCLI(args=argv).exit_code
     except (LlamaFTError, MisconfigurationException) as err:
-        if os.environ.get("LLAMA_FT_DEBUG") == "1":
-            raise
-        if rank_zero_only.rank == 0:  # every launched process fails alike; the first one says why
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return report(err, speak=rank_zero_only.rank == 0)  # every launched process fails alike; the first says why
