@@ -7,6 +7,7 @@ goes to the LightningCLI program (``lightning_cli``).
 
 from __future__ import annotations
 
+import os
 import sys
 
 __all__ = ["main"]
@@ -16,9 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command (``argv`` defaults to ``sys.argv[1:]``) and return its exit code."""
     from llama_ft.cli import fast_plan
 
-    status = fast_plan.main(list(sys.argv[1:] if argv is None else argv))
-    if status is not None:
-        return status
-    from llama_ft.cli.lightning_cli import main as lightning_main
+    try:
+        status = fast_plan.main(list(sys.argv[1:] if argv is None else argv))
+        if status is not None:
+            return status
+        from llama_ft.cli.lightning_cli import main as lightning_main
 
-    return lightning_main(argv)
+        return lightning_main(argv)
+    except BrokenPipeError:  # the reader went away (``llama-ft plan | head``): stop quietly, as other CLI tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
