@@ -36,8 +36,8 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global offset, shape) of the s
 
 def local_box(global_shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int],
               placements: Sequence) -> Box | None:
-    """The slice of the global tensor the rank at ``coordinate`` writes: None when a replica of coordinate 0 on a
-    ``Replicate`` dim writes it instead, or when the rank holds no element (an uneven split's last ranks)."""
+    """The slice of the global tensor the rank at ``coordinate`` writes: None for a replica (a coordinate other than 0
+    on a ``Replicate`` dim: its twin at 0 writes), or when the rank holds no element (an uneven split's last ranks)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import _StridedShard
