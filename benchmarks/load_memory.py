@@ -6,14 +6,16 @@ of a distributed checkpoint bounded by a tensor, not by the model.
 Set-up: a random-init Llama of 0.51 B parameters (hidden 1536, 16 layers, MLP 4096, vocabulary 32,000, untied),
 saved once in bf16 with ``save_pretrained`` (one 1.0 GB safetensors file). Each world size (1, 2, 4 CPU processes,
 gloo) is one launch; every rank builds the model on the meta device, shards it with FSDP2 over all ranks
-(``apply_layout``) in bf16, then loads and exports it. Before this issue's change and after, each in fresh
-processes (so neither inherits the other's allocator state):
+(``apply_layout``) in bf16, then loads and exports it. Each method runs in fresh processes (so none inherits
+another's allocator state):
 
 - before: rank 0 reads every tensor (``safetensors.load_file``), ``set_model_state_dict(full_state_dict,
   broadcast_from_rank0)`` scatters the slices; the fit-end export gathers the full state dict
   (``get_model_state_dict(full_state_dict, cpu_offload)``) and rank 0 calls ``save_pretrained``;
-- now: ``load_sharded_weights`` (each rank reads only its slices) and ``save_hf_directory`` (one tensor gathered at a
-  time, rank 0 streams it into the file).
+- now: ``load_sharded_weights`` (each rank reads only its slices) and ``save_hf_directory`` (every rank writes its
+  own slices into the files rank 0 laid out; no gather);
+- fallback: ``save_hf_directory(gather=True)``, what it does when the ranks do not share the output directory (one
+  tensor gathered at a time, rank 0 streams it into the file), after an unmeasured sharded load.
 
 The world-2 launch also saves the shards as a distributed checkpoint (``dcp.save``, Lightning's key layout); then one
 process runs ``export`` both ways: all tensors read, ``save_pretrained`` (before) against ``export_checkpoint``
@@ -118,7 +120,8 @@ def _sharded_model(world: int):
 
 
 def worker(rank: int, world: int, port: int, work: Path, group: str) -> None:
-    """One rank of a launch: load then export, ``before`` or ``now``; writes ``work/<group>-rank<r>-world<w>.json``."""
+    """One rank of a launch: load then export, ``before``, ``now`` or ``fallback``; writes
+    ``work/<group>-rank<r>-world<w>.json``."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -157,9 +160,13 @@ def worker(rank: int, world: int, port: int, work: Path, group: str) -> None:
     if group == "before":
         measure("load_rank0", rank0_load)
         measure("export_gather", gather_export)
-    else:
+    elif group == "now":
         measure("load_sharded", lambda: load_sharded_weights(model, checkpoint))
-        measure("export_streamed", lambda: save_hf_directory(model, None, work / f"out-streamed-{world}"))
+        measure("export_in_place", lambda: save_hf_directory(model, None, work / f"out-in-place-{world}"))
+    else:
+        load_sharded_weights(model, checkpoint)
+        measure("export_streamed", lambda: save_hf_directory(model, None, work / f"out-streamed-{world}",
+                                                             gather=True))
     if world == 2 and group == "now":
         state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
         dcp.save(state, checkpoint_id=work / "dcp")
@@ -224,7 +231,8 @@ LABELS = {
     "load_rank0": ("load", "rank 0 reads all, broadcasts (before)"),
     "load_sharded": ("load", "each rank reads its slices (now)"),
     "export_gather": ("fit-end export", "full state dict gathered (before)"),
-    "export_streamed": ("fit-end export", "one tensor at a time (now)"),
+    "export_streamed": ("fit-end export", "one tensor gathered at a time, rank 0 writes (fallback)"),
+    "export_in_place": ("fit-end export", "each rank writes its slices in place (now)"),
     "export_cli_whole": ("`export` (1 process)", "whole checkpoint read (before)"),
     "export_cli_streamed": ("`export` (1 process)", "tensor by tensor (now)"),
 }
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[tuple[str, int], list[dict]] = {}
         for world in WORLD_SIZES:
             for group, methods in (("before", ("load_rank0", "export_gather")),
-                                   ("now", ("load_sharded", "export_streamed"))):
+                                   ("now", ("load_sharded", "export_in_place")), ("fallback", ("export_streamed",))):
                 ranks = launch(world, work, group)
                 results.update({(method, world): ranks for method in methods})
             for out in work.glob(f"out-*-{world}"):
@@ -285,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
             "in bf16)\n\nFrom `benchmarks/load_memory.py` (CPU processes, gloo, FSDP2 over all ranks). Peak = the "
             "kernel's resident high-water mark during the phase minus the rank's runtime baseline (torch, "
             "transformers, process group, meta-device model), so it is what the weights cost that rank: its "
-            "shards plus whatever the method holds besides. The one-process `export` rows read a distributed "
-            "checkpoint written by the 2-process run.\n\n")
+            "shards plus whatever the method holds besides. The fit-end export's fallback (gathering) is what it "
+            "does when the ranks do not share the output directory. The one-process `export` rows read a "
+            "distributed checkpoint written by the 2-process run.\n\n")
     print(note + text)
     if args.write:
         RESULT.parent.mkdir(parents=True, exist_ok=True)

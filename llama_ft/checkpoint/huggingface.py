@@ -2,8 +2,11 @@
 
 Load: every rank reads only the slices its DTensor shards hold, straight from the safetensors files into the shards
 (``torch.distributed.checkpoint`` with its Hugging Face storage reader plans which slice each rank needs, for any
-placement: DDP replicas, FSDP, HSDP, TP, FSDP × TP). Save: ranks gather one parameter at a time and rank 0 streams
-it into the safetensors shards (``safetensors_stream``). No process ever holds the whole model.
+placement: DDP replicas, FSDP, HSDP, TP, FSDP × TP). Save: rank 0 lays out the safetensors files (headers, final
+sizes), then every rank writes the bytes of its own shards into them at their offsets (``rank_writes``); no tensor is
+gathered. Where the ranks do not share the output directory (several nodes without a shared filesystem), the ranks
+gather one parameter at a time and rank 0 streams it into the files instead (``safetensors_stream``). No process ever
+holds the whole model.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from torch.futures import Future
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
+from llama_ft.checkpoint.rank_writes import agree, shared_output_dir, write_local_slices
 from llama_ft.checkpoint.safetensors_stream import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX_FILE,
     SINGLE_FILE,
     TensorSpec,
+    preallocate_shards,
+    shard_files,
     write_safetensors_shards,
 )
 from llama_ft.errors import ConfigError
@@ -162,6 +168,18 @@ def write_hf_config(config: PretrainedConfig, dtype: torch.dtype, out: Path) -> 
     config.save_pretrained(out)
 
 
+def _finish_hf_directory(config: PretrainedConfig, specs: list[TensorSpec], tokenizer: PreTrainedTokenizerBase | None,
+                         out: Path, record: TrainingRecord | None, max_new_tokens: int) -> Path:
+    """Everything but the weights: config, tokenizer, model card (``model_card``), and the output marker last."""
+    floating = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
+    write_hf_config(config, floating[0] if floating else torch.float32, out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    write_model_card(out, config, tokenizer, record or TrainingRecord(), max_new_tokens)
+    mark_output_dir(out)  # after every file: it also gives them the user's normal permissions
+    return out
+
+
 def write_hf_directory(config: PretrainedConfig, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]],
                        tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, record: TrainingRecord | None = None,
@@ -172,29 +190,49 @@ def write_hf_directory(config: PretrainedConfig, specs: list[TensorSpec], tensor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors_shards(out, specs, tensors, max_shard_size)
-    floating = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
-    write_hf_config(config, floating[0] if floating else torch.float32, out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    write_model_card(out, config, tokenizer, record or TrainingRecord(), max_new_tokens)
-    mark_output_dir(out)  # after every file: it also gives them the user's normal permissions
-    return out
+    return _finish_hf_directory(config, specs, tokenizer, out, record, max_new_tokens)
+
+
+def _write_in_place(state: dict[str, torch.Tensor], specs: list[TensorSpec], out: Path,
+                    max_shard_size: int | str) -> None:
+    """Collective: rank 0 preallocates the files, then every rank writes its own slices into them."""
+    files = shard_files(specs, max_shard_size)  # every rank: a bad dtype is refused everywhere, before any I/O
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            preallocate_shards(out, files)
+        except Exception as exc:  # re-raised on every rank by ``agree``
+            error = exc
+    agree(error, f"creating the safetensors files in {out}")  # also the barrier before the writes
+    try:
+        write_local_slices(state, files, out)
+    except Exception as exc:  # re-raised on every rank by ``agree``
+        error = exc
+    agree(error, f"writing the weights into {out}")
 
 
 def save_hf_directory(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
     record: TrainingRecord | None = None, max_new_tokens: int = 128,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, gather: bool = False,
 ) -> Path | None:
     """Write ``config.json`` + safetensors (+ tokenizer) loadable by ``LlamaForCausalLM.from_pretrained``.
 
-    Collective when the model is sharded: every rank must call it; the ranks gather one tensor at a time and rank 0
-    writes it, so no rank ever holds more than its shards and one full tensor.
+    Collective when the model is sharded: every rank must call it, and returns None but on rank 0. Every rank
+    writes its own shards into the files rank 0 laid out, so a rank holds its shards and one local tensor being
+    converted. When the ranks do not all see ``out_dir`` (or with ``gather``, the fallback itself, which benchmarks
+    compare against) they gather one tensor at a time and rank 0 writes it: its shards and one full tensor.
     """
     state = hf_state_dict(model)
+    specs = tensor_specs(state)
+    out = Path(out_dir)
+    if dist.is_initialized() and _is_sharded(model) and not gather and shared_output_dir(out):
+        _write_in_place(state, specs, out, max_shard_size)
+        if not _is_rank_zero():
+            return None
+        return _finish_hf_directory(model.config, specs, tokenizer, out, record, max_new_tokens)
     tensors = _gathered(state)
     if not _is_rank_zero():
         deque(tensors, maxlen=0)  # take part in every gather, keeping none of the results
         return None
-    return write_hf_directory(model.config, tensor_specs(state), tensors, tokenizer, out_dir, max_shard_size,
-                              record, max_new_tokens)
+    return write_hf_directory(model.config, specs, tensors, tokenizer, out, max_shard_size, record, max_new_tokens)

@@ -4,7 +4,8 @@
 a distributed checkpoint's metadata, or from a sharded model's DTensors), so each shard's header is written first
 and the tensors follow as they arrive: peak memory is the one tensor being written. The layout is the one
 ``save_pretrained`` produces: ``model.safetensors`` when everything fits in one shard, else
-``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``.
+``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``. The same layout can also be
+preallocated (headers written, files at their final size) for sharded ranks to fill in place (``rank_writes``).
 
 The file format (an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
 range, then the raw little-endian bytes) is the public safetensors specification.
@@ -89,6 +90,55 @@ def _header(shard: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """One output file: its name, its header bytes and the tensors that follow the header, in order."""
+
+    name: str
+    header: bytes
+    specs: list[TensorSpec]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(spec.nbytes for spec in self.specs)
+
+    def data_offsets(self) -> dict[str, int]:
+        """Where each tensor's bytes start in the file."""
+        offsets, position = {}, len(self.header)
+        for spec in self.specs:
+            offsets[spec.name] = position
+            position += spec.nbytes
+        return offsets
+
+
+def shard_files(specs: list[TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[ShardFile]:
+    """The files ``save_pretrained`` would write for ``specs``: names, headers and contents (no I/O)."""
+    shards = plan_shards(specs, max_shard_size)
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    return [ShardFile(name, _header(shard), shard) for name, shard in zip(names, shards, strict=True)]
+
+
+def write_index(out: Path, files: list[ShardFile]) -> None:
+    """``model.safetensors.index.json`` when there are several files (``save_pretrained`` writes none for one)."""
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(spec.nbytes for f in files for spec in f.specs)},
+                 "weight_map": {spec.name: f.name for f in files for spec in f.specs}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def preallocate_shards(out_dir: str | Path, files: list[ShardFile]) -> None:
+    """Each file with its header and its final size (the data still holes), plus the index, for the ranks to fill
+    in place at :meth:`ShardFile.data_offsets`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in files:
+        with (out / shard.name).open("wb") as file:
+            file.write(shard.header)
+            file.truncate(shard.size)
+    write_index(out, files)
+
+
 def _write_tensor(file, spec: TensorSpec, tensor: torch.Tensor) -> None:
     if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
         raise RuntimeError(f"{spec.name}: got {tuple(tensor.shape)} {tensor.dtype}, the header says "
@@ -103,21 +153,16 @@ def write_safetensors_shards(out_dir: str | Path, specs: list[TensorSpec],
     """Write ``tensors`` (yielded in the order of ``specs``, one at a time) as safetensors shards + index."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(specs, max_shard_size)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = shard_files(specs, max_shard_size)
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
-    for name, shard in zip(names, shards, strict=True):
-        with (out / name).open("wb") as file:
-            file.write(_header(shard))
-            for spec in shard:
+    for shard in files:
+        with (out / shard.name).open("wb") as file:
+            file.write(shard.header)
+            for spec in shard.specs:
                 got, tensor = next(stream)
                 if got != spec.name:
                     raise RuntimeError(f"tensor stream out of order: expected {spec.name}, got {got}")
                 _write_tensor(file, spec, tensor)
                 del tensor
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-                 "weight_map": {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard}}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [out / name for name in names]
+    write_index(out, files)
+    return [out / shard.name for shard in files]

@@ -2,9 +2,11 @@
 
 One launch of 4 gloo ranks runs every layout (DDP, FSDP, HSDP, FSDP × TP, DDP × TP): each rank builds the model on
 the meta device, applies the layout, materializes its shards, reads only its slices with ``load_sharded_weights``,
-computes logits and writes the model back with ``save_hf_directory`` (one tensor gathered at a time, small shard
-files so an index is written). Checkpoints: untied fp32 in one file; tied bf16 split over several files with an
-index (loaded into fp32 parameters).
+computes logits and writes the model back with ``save_hf_directory``: every rank writes its own slices into the
+files rank 0 laid out (small shard files, so an index is written), and the gather fallback is never taken. The
+exported tensors equal, bit for bit, what ``save_pretrained`` of the one-process model writes. Checkpoints: untied
+fp32 in one file; tied bf16 split over several files with an index (loaded into fp32 parameters). The vocabulary (250)
+does not divide by 4 ranks: FSDP splits the embedding and LM head unevenly (63, 63, 63, 61 rows; 63, 62 under TP).
 
 Run as a script, this file is one rank of such a launch.
 """
@@ -22,7 +24,8 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_ft.checkpoint.huggingface import load_sharded_weights, save_hf_directory
+from llama_ft.checkpoint import huggingface
+from llama_ft.checkpoint.huggingface import load_sharded_weights, read_safetensors, save_hf_directory
 from llama_ft.checkpoint.safetensors_stream import INDEX_FILE, SINGLE_FILE
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.applying.apply import apply_layout, build_device_mesh, materialize
@@ -30,6 +33,7 @@ from llama_ft.parallel.layout import Layout
 
 LAUNCH_TIMEOUT_S = 240
 SMALL_SHARDS = "60KB"  # the tiny model is ~0.4 MB: several files
+VOCAB = 250  # not a multiple of the 4 ranks: uneven FSDP shards
 
 # name → (layout, checkpoint kind); every case runs in one 4-rank launch.
 CASES: dict[str, tuple[Layout, str]] = {
@@ -42,7 +46,7 @@ CASES: dict[str, tuple[Layout, str]] = {
 
 
 def config(tied: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        tie_word_embeddings=tied)
 
@@ -59,7 +63,7 @@ def write_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def input_ids() -> torch.Tensor:
-    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
 def logits(model: LlamaForCausalLM) -> torch.Tensor:
@@ -73,6 +77,14 @@ def logits(model: LlamaForCausalLM) -> torch.Tensor:
 
 def reference_logits(directory: Path) -> torch.Tensor:
     return logits(LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32))
+
+
+def saved_by_save_pretrained(root: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors one process's ``save_pretrained`` writes for the fp32 model loaded from checkpoint ``kind``."""
+    out = root / f"save_pretrained-{kind}"
+    if not out.is_dir():
+        LlamaForCausalLM.from_pretrained(root / kind, dtype=torch.float32).save_pretrained(out)
+    return read_safetensors(out)
 
 
 def run_case(name: str, checkpoints: dict[str, Path], out: Path) -> None:
@@ -89,8 +101,13 @@ def run_case(name: str, checkpoints: dict[str, Path], out: Path) -> None:
         torch.save(result, out / f"{name}.logits.pt")
 
 
+def _no_gather(state):
+    raise AssertionError("the export gathered tensors: the ranks were expected to write their slices in place")
+
+
 def worker_main(rank: int, world_size: int, port: int, root: Path) -> None:
     torch.set_num_threads(1)
+    huggingface._gathered = _no_gather  # every layout writes in place (the ranks share the output directory)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     checkpoints = {kind: root / kind for kind in ("single", "tied_index")}
@@ -137,6 +154,9 @@ def test_every_layout_loads_its_shards_and_exports_what_from_pretrained_reads(fo
     exported = root / "out" / name
     assert (exported / INDEX_FILE).is_file() and len(list(exported.glob("model-*.safetensors"))) > 2
     assert torch.equal(reference_logits(exported), expected)
+    written, reference = read_safetensors(exported), saved_by_save_pretrained(root, CASES[name][1])
+    assert written.keys() == reference.keys()
+    assert all(torch.equal(written[k], reference[k]) and written[k].dtype == reference[k].dtype for k in reference)
 
 
 def test_single_process_load_and_streamed_export_round_trip(tmp_path):
