@@ -3,7 +3,10 @@
 Adapters are injected in place (``peft.inject_adapter_in_model``), so the model stays a ``LlamaForCausalLM`` and the
 ``advanced`` strategy parallelizes it as it does any other; peft freezes every base weight. A wrapped projection keeps
 its base weight under ``<proj>.base_layer.weight``, so Hugging Face weights are renamed on the way in
-(:func:`base_key_map`) and back on the way out (:func:`build_peft_model`).
+(:func:`base_key_map`) and back on the way out (:func:`to_hf_names`).
+
+The merged export never builds the model: :func:`merged_weights` adds each projection's update to its base weight as
+the base tensors stream past, one at a time, with the scale and rounding of peft's ``merge_and_unload``.
 
 The adapters' first values come from a generator seeded with ``torch.initial_seed()`` (``seed_everything`` sets it)
 and are identical whatever the layout, so a sharded run starts from exactly the single-process run's adapters.
@@ -12,9 +15,9 @@ and are identical whatever the layout, so a sharded run starts from exactly the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
@@ -25,6 +28,7 @@ from llama_ft.errors import ConfigError
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+T = TypeVar("T")
 
 
 @dataclass
@@ -116,8 +120,9 @@ def initial_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def to_hf_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a LoRA model's state into Hugging Face base weights (original names) and the adapters."""
+def to_hf_names(state: Mapping[str, T]) -> tuple[dict[str, T], dict[str, T]]:
+    """Split a LoRA model's state (or its names → checkpoint keys) into Hugging Face base weights (original names)
+    and the adapters (names as in training)."""
     base, adapters = {}, {}
     for key, value in state.items():
         key = _clean(key)
@@ -155,8 +160,56 @@ def build_peft_model(config: LlamaConfig, base: Mapping[str, torch.Tensor], adap
     return peft_model.eval()
 
 
-def merged_model(config: LlamaConfig, state: Mapping[str, torch.Tensor], settings: LoraSettings,
-                 base_name: str | None) -> LlamaForCausalLM:
-    """The trained LoRA model (``state``: names as in training) with its adapters merged into the base weights."""
-    base, adapters = to_hf_names(state)
-    return build_peft_model(config, base, adapters, settings, base_name).merge_and_unload()
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One projection's trained update ``scaling · B A`` (``A``: r × in, ``B``: out × r)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    def merged_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + scaling · B A`` rounded as peft's ``merge_and_unload`` rounds it on the CPU: the product in
+        fp32, cast to the adapters' dtype, then added to the weight in fp32 and cast to the weight's dtype."""
+        delta = ((self.b.float() @ self.a.float()) * self.scaling).to(self.b.dtype)
+        return (weight.float() + delta.float()).to(weight.dtype)
+
+
+def lora_updates(config: LlamaConfig, settings: LoraSettings,
+                 adapters: Mapping[str, torch.Tensor]) -> dict[str, LoraUpdate]:
+    """Hugging Face weight name → its update, for every projection ``settings`` adapt.
+
+    The names, shapes and scales come from the layers peft builds for these settings on the meta device (nothing is
+    allocated), so the scale is the one ``merge_and_unload`` would use; ``adapters`` (full tensors, names as in
+    training) must match them exactly.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    inject_lora(model, settings)
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items() if is_adapter_key(name)}
+    missing, unexpected = sorted(set(expected) - set(adapters)), sorted(set(adapters) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(adapters) if tuple(adapters[name].shape) != expected[name])
+    if missing or unexpected or wrong:
+        raise ConfigError(f"the checkpoint's adapters do not fit model.lora={settings.as_dict()}: unexpected "
+                          f"{unexpected[:3]}, missing {missing[:3]}, other shapes {wrong[:3]}.")
+    updates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            ((adapter, scaling),) = module.scaling.items()  # inject_lora adds one adapter
+            updates[f"{name}.weight"] = LoraUpdate(adapters[f"{name}.lora_A.{adapter}.weight"],
+                                                   adapters[f"{name}.lora_B.{adapter}.weight"], scaling)
+    return updates
+
+
+def merged_weights(base: Iterable[tuple[str, torch.Tensor]], adapters: Mapping[str, torch.Tensor],
+                   config: LlamaConfig, settings: LoraSettings) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model's tensors, one at a time: ``base`` (Hugging Face names, in export order) with each adapted
+    projection's update added. The adapters are checked here, before the first base tensor is read."""
+    updates = lora_updates(config, settings, adapters)
+
+    def merge() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, weight in base:
+            update = updates.get(name)
+            yield name, weight if update is None else update.merged_into(weight)
+
+    return merge()

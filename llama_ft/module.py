@@ -12,11 +12,12 @@ from torchmetrics import MeanMetric
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.callbacks.watchdog import expect_silence
-from llama_ft.checkpoint.huggingface import full_state_dict, load_sharded_weights, save_hf_directory
+from llama_ft.checkpoint.huggingface import load_sharded_weights, save_hf_directory
+from llama_ft.checkpoint.lora_export import save_merged_hf_directory
 from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.errors import ConfigError
-from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key, merged_model
+from llama_ft.lora import LoraSettings, base_key_map, initial_adapter_state, inject_lora, is_adapter_key
 from llama_ft.loss import IGNORE_INDEX, causal_lm_loss, gathered_logits, install_loss_head
 from llama_ft.presets import resolve_llama_config
 from llama_ft.ranges import Fraction, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
@@ -302,15 +303,13 @@ class LlamaFineTuner(L.LightningModule):
         out = self.hparams.hf_export_dir or str(Path(log_dir) / "hf_model")
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        model = self.model
-        if self.lora is not None:  # adapters merged into the base: a plain Llama checkpoint
-            state = full_state_dict(self.model)  # collective when sharded; complete on rank 0
-            if self.global_rank != 0:
-                return
-            model = merged_model(self.llama_config, state, self.lora, self.hparams.model_name_or_path)
         with expect_silence(f"writing the Hugging Face model to {out}"):
-            written = save_hf_directory(model, tokenizer, out, self.training_record(),
-                                        max_new_tokens=self.hparams.max_new_tokens)
+            if self.lora is not None:  # adapters merged into the base as it streams out: a plain Llama checkpoint
+                written = save_merged_hf_directory(self.model, self.lora, tokenizer, out, self.training_record(),
+                                                   max_new_tokens=self.hparams.max_new_tokens)
+            else:
+                written = save_hf_directory(self.model, tokenizer, out, self.training_record(),
+                                            max_new_tokens=self.hparams.max_new_tokens)
         if written is not None:
             rank_zero_info(f"Hugging Face model written to {out} (model card: {Path(out) / 'README.md'})")
 

@@ -3,12 +3,15 @@
 The architecture comes from the hyper-parameters ``LlamaFineTuner`` saved (``model_config`` / ``model_name_or_path``),
 else from the recipe (``--config``, parsed as ``fit`` parses it); the tokenizer from ``--tokenizer``, else the data
 module's saved ``tokenizer``, else the recipe's ``data.tokenizer``. The weights are streamed one tensor at a time
-from the checkpoint into the safetensors shards: memory holds one tensor, never the model.
+from the checkpoint into the safetensors shards: memory holds one tensor, never the model. A LoRA run's base weights
+stream the same way (from the checkpoint, or from the base's Hugging Face directory) and get their adapters' update
+merged in on the way.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,14 +21,15 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.atomic import partial_path, publish, remove_path
-from llama_ft.checkpoint.huggingface import TIED_HEAD, read_safetensors, save_hf_directory, write_hf_directory
+from llama_ft.checkpoint.huggingface import TIED_HEAD, read_safetensors, write_hf_directory
+from llama_ft.checkpoint.lora_export import read_hf_directory
 from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.checkpoint.reader import LightningCheckpoint, hf_tensors, read_checkpoint, stream_tensors
 from llama_ft.checkpoint.safetensors_stream import DEFAULT_MAX_SHARD_SIZE, TensorSpec, parse_size
 from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
 from llama_ft.data.sources import load_tokenizer
 from llama_ft.errors import ConfigError, DataError
-from llama_ft.lora import LoraSettings, build_peft_model, to_hf_names
+from llama_ft.lora import LoraSettings, build_peft_model, merged_weights, to_hf_names
 from llama_ft.module import resolve_local_checkpoint
 from llama_ft.outputs import check_output_dir, local_sources, mark_output_dir
 from llama_ft.presets import resolve_llama_config
@@ -96,19 +100,45 @@ def resolve_tokenizer(
         return None, f"the run's tokenizer {name!r} cannot be loaded here ({err}); pass --tokenizer to add one"
 
 
-def lora_peft_model(checkpoint: LightningCheckpoint, weights: dict[str, torch.Tensor], config: LlamaConfig,
-                    settings: LoraSettings, source: str | Path) -> PeftModel:
-    """A LoRA run's model: the adapters from the checkpoint, the base from it too when it holds one (a random-init
-    base is saved whole), else from the base checkpoint it names (``model_name_or_path``)."""
-    base, adapters = to_hf_names(weights)
-    base_name = checkpoint.hparam("model_name_or_path")
-    if not adapters:
+def _lora_parts(checkpoint: LightningCheckpoint, names: dict[str, str],
+                source: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor], str | None]:
+    """A LoRA checkpoint's base (Hugging Face name → checkpoint key; empty when it holds only the adapters), its
+    adapters (read: they are small) and the base model it names (``model_name_or_path``)."""
+    base, adapter_keys = to_hf_names(names)
+    if not adapter_keys:
         raise ConfigError(f"checkpoint {source} has LoRA hyper-parameters but no adapter weights; was it saved by fit?")
-    if not base:
-        if base_name is None:
-            raise ConfigError(f"checkpoint {source} holds only adapters and names no base (model_name_or_path).")
+    base_name = checkpoint.hparam("model_name_or_path")
+    if not base and base_name is None:
+        raise ConfigError(f"checkpoint {source} holds only adapters and names no base (model_name_or_path).")
+    return base, {name: checkpoint.load(key) for name, key in adapter_keys.items()}, base_name
+
+
+def lora_peft_model(checkpoint: LightningCheckpoint, names: dict[str, str], config: LlamaConfig,
+                    settings: LoraSettings, source: str | Path) -> PeftModel:
+    """A LoRA run's model, for its adapter directory: the adapters from the checkpoint, the base from it too when it
+    holds one (a random-init base is saved whole), else from the base checkpoint it names."""
+    base_keys, adapters, base_name = _lora_parts(checkpoint, names, source)
+    if base_keys:
+        base = {name: checkpoint.load(key) for name, key in base_keys.items()}
+    else:
         base = read_safetensors(resolve_local_checkpoint(base_name))
     return build_peft_model(config, base, adapters, settings, base_name)
+
+
+def lora_merged_tensors(checkpoint: LightningCheckpoint, names: dict[str, str], config: LlamaConfig,
+                        settings: LoraSettings,
+                        source: str | Path) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+    """A LoRA run merged, streamed: the base weights one at a time from the checkpoint (a random-init base is saved
+    whole) or else from the base's Hugging Face directory, each adapted projection's update added on the way."""
+    base_keys, adapters, base_name = _lora_parts(checkpoint, names, source)
+    base = checkpoint
+    if not base_keys:
+        source = resolve_local_checkpoint(base_name)
+        base = read_hf_directory(source)
+        base_keys = {name: name for name in base.tensors}
+    specs = check_weights_fit(config, base, base_keys, source)
+    base_tensors = stream_tensors(base, {spec.name: base_keys[spec.name] for spec in specs})
+    return specs, merged_weights(base_tensors, adapters, config, settings)
 
 
 def _last_validation_loss(checkpoint: LightningCheckpoint) -> float | None:
@@ -143,8 +173,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
     ``recipe`` is the parsed recipe (its model and data sections). The directory is assembled beside ``out`` and
     swapped in when complete, so an interrupted export never leaves a half-written model where one was. ``out``
     must be new, empty or an earlier llama_ft output unless ``overwrite``, and never the checkpoint or tokenizer.
-    A LoRA run is written merged (``merge_and_unload``: a plain Llama directory), or with ``adapter_only`` as peft's
-    adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) for ``PeftModel.from_pretrained``.
+    A LoRA run is written merged (as ``merge_and_unload`` merges, one tensor at a time: a plain Llama directory), or
+    with ``adapter_only`` as peft's adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) for
+    ``PeftModel.from_pretrained``.
     """
     ckpt, out = Path(ckpt), Path(out)
     sources = local_sources(ckpt, tokenizer, recipe.model.model_name_or_path, recipe.data.tokenizer)
@@ -156,27 +187,24 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, recipe: Namespace, toke
         raise ConfigError(f"--adapter_only needs a LoRA run's checkpoint; {ckpt} trained every weight (drop the flag).")
     names = hf_tensors(checkpoint, ckpt)
     config = trained_architecture(checkpoint, recipe, ckpt)
-    specs = check_weights_fit(config, checkpoint, names, ckpt) if settings is None else []
+    if settings is None:  # streamed, one tensor at a time
+        specs = check_weights_fit(config, checkpoint, names, ckpt)
+        tensors = stream_tensors(checkpoint, {spec.name: names[spec.name] for spec in specs})
+    elif not adapter_only:  # the same, with each adapted projection's update merged in
+        specs, tensors = lora_merged_tensors(checkpoint, names, config, settings, ckpt)
     hf_tokenizer, note = resolve_tokenizer(tokenizer, checkpoint, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     remove_path(partial)
     record = training_record(checkpoint, recipe)
     max_new_tokens = int(record.model_hparams.get("max_new_tokens") or 128)
-    if settings is None:  # streamed, one tensor at a time
-        tensors = stream_tensors(checkpoint, {spec.name: names[spec.name] for spec in specs})
+    if adapter_only:  # the adapters are small; peft writes its own directory
+        lora_peft_model(checkpoint, names, config, settings, ckpt).save_pretrained(partial, safe_serialization=True)
+        if hf_tokenizer is not None:
+            hf_tokenizer.save_pretrained(partial)
+        mark_output_dir(partial)
+    else:
         write_hf_directory(config, specs, tensors, hf_tokenizer, partial, max_shard_size, record, max_new_tokens)
-    else:  # merging adapters into the base needs the whole model in this process
-        weights = {name: checkpoint.load(key) for name, key in names.items()}
-        peft_model = lora_peft_model(checkpoint, weights, config, settings, ckpt)
-        if adapter_only:
-            peft_model.save_pretrained(partial, safe_serialization=True)
-            if hf_tokenizer is not None:
-                hf_tokenizer.save_pretrained(partial)
-            mark_output_dir(partial)
-        else:
-            save_hf_directory(peft_model.merge_and_unload(), hf_tokenizer, partial, record, max_new_tokens,
-                              max_shard_size)
     publish(partial, out)
     return out, note
 
