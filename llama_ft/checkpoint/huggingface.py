@@ -47,7 +47,7 @@ WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wra
 TIED_HEAD = "lm_head.weight"
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -136,7 +136,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _gathered(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def gathered_tensors(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor in full, one at a time, on every rank (``full_tensor`` is a collective over its mesh).
 
     DTensor warns, once per FSDP × TP tensor, that gathering its two sharded dims takes two all-gathers; for an
@@ -228,11 +228,11 @@ def save_hf_directory(
     out = Path(out_dir)
     if dist.is_initialized() and _is_sharded(model) and not gather and shared_output_dir(out):
         _write_in_place(state, specs, out, max_shard_size)
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return None
         return _finish_hf_directory(model.config, specs, tokenizer, out, record, max_new_tokens)
-    tensors = _gathered(state)
-    if not _is_rank_zero():
+    tensors = gathered_tensors(state)
+    if not is_rank_zero():
         deque(tensors, maxlen=0)  # take part in every gather, keeping none of the results
         return None
     return write_hf_directory(model.config, specs, tensors, tokenizer, out, max_shard_size, record, max_new_tokens)

@@ -18,10 +18,10 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.huggingface import (
-    _gathered,
-    _is_rank_zero,
     checkpoint_tensor_names,
+    gathered_tensors,
     hf_state_dict,
+    is_rank_zero,
     tensor_specs,
     write_hf_directory,
 )
@@ -61,9 +61,9 @@ def save_merged_hf_directory(
     and one full tensor.
     """
     base, adapter_state = to_hf_names(hf_state_dict(model))
-    adapters = dict(_gathered(adapter_state))
-    tensors = _gathered(base)
-    if not _is_rank_zero():
+    adapters = dict(gathered_tensors(adapter_state))
+    tensors = gathered_tensors(base)
+    if not is_rank_zero():
         deque(tensors, maxlen=0)  # take part in every gather, keeping none of the results
         return None
     merged = merged_weights(tensors, adapters, model.config, settings)

@@ -107,7 +107,7 @@ def _no_gather(state):
 
 def worker_main(rank: int, world_size: int, port: int, root: Path) -> None:
     torch.set_num_threads(1)
-    huggingface._gathered = _no_gather  # every layout writes in place (the ranks share the output directory)
+    huggingface.gathered_tensors = _no_gather  # every layout writes in place (the ranks share the output directory)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     checkpoints = {kind: root / kind for kind in ("single", "tied_index")}

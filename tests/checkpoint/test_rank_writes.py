@@ -118,9 +118,9 @@ def test_ranks_that_do_not_see_the_output_directory_fall_back_to_gathering(tmp_p
         for param in model.parameters():
             param.to_local().normal_()
     calls: list[str] = []
-    write, gather = huggingface.write_local_slices, huggingface._gathered
+    write, gather = huggingface.write_local_slices, huggingface.gathered_tensors
     monkeypatch.setattr(huggingface, "write_local_slices", lambda *a: calls.append("in place") or write(*a))
-    monkeypatch.setattr(huggingface, "_gathered", lambda state: calls.append("gathered") or gather(state))
+    monkeypatch.setattr(huggingface, "gathered_tensors", lambda state: calls.append("gathered") or gather(state))
     save_hf_directory(model, None, tmp_path / "shared", max_shard_size="20KB")
     monkeypatch.setattr(rank_writes, "_sees", lambda probe, token: False)  # a node with its own disk
     save_hf_directory(model, None, tmp_path / "node_local", max_shard_size="20KB")
