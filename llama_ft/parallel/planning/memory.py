@@ -165,14 +165,14 @@ def tp_staging_bytes(shape: StepShape) -> float:
 
 
 def lingering_gather_bytes(shape: StepShape, backward_started: bool) -> float:
-    """The last all-gather's buffer, alive until the next one (measured): an untied LM head's (gathered last in
-    forward) until backward starts, or with tied embeddings the last decoder layer's (the root group was gathered
-    first)."""
+    """The newest all-gather's buffer, alive until the next one (simulated): an untied LM head's (gathered last in
+    forward) until backward starts; from then on, and throughout with tied embeddings (the root group was gathered
+    first), a decoder layer's: the last layer's, which FSDP2 prefetches as the LM head's backward begins."""
     if not shape.fsdp:
         return 0.0
-    if shape.model.tied_embeddings:
+    if shape.model.tied_embeddings or backward_started:
         return shape.coeffs.fsdp_lingering_gather_layers * shape.layer_params * shape.prec.compute_bytes
-    return 0.0 if backward_started else shape.vocab_matrix_params * shape.prec.compute_bytes
+    return shape.vocab_matrix_params * shape.prec.compute_bytes
 
 
 def _states(
