@@ -20,7 +20,7 @@ from llama_ft.parallel.planning.units import GiB, readable_count
 
 # Share of device memory a plan may fill: the rest is left to what neither the cost model nor the simulation sees
 # (the CUDA context, NCCL's own buffers, the allocator's reserve beyond live tensors). Evidence for the size:
-# torchtitan's published max_reserved memory ran 10-14% above this model's prediction of its step (tensors +
+# torchtitan's published max_reserved memory ran 10-13% above this model's prediction of its step (tensors +
 # allowance; benchmarks/results/planner_vs_published.md, the two rows with memory), so a tenth is held back.
 DEFAULT_MEMORY_FRACTION = 0.9
 MAX_MICRO_BATCH = 64  # beyond this, throughput no longer improves and memory never fits for real models
