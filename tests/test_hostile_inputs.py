@@ -70,6 +70,7 @@ def _user_files(user: Path) -> dict[str, str]:
         "hidden_vs_heads": _model_json(user, "hidden_vs_heads.json", hidden_size=130),
         "heads_vs_kv": _model_json(user, "heads_vs_kv.json", num_attention_heads=4, num_key_value_heads=3),
         "zero_layers": _model_json(user, "zero_layers.json", num_hidden_layers=0),
+        "no_model_type": _model_json(user, "no_model_type.json", model_type=None),
     }
 
 
@@ -120,6 +121,7 @@ CASES = [
     ("fit-json-heads-kv", ["fit", "--model.model_config={json:heads_vs_kv}"],
      "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
     ("plan-json-zero-layers", ["plan", "--model={json:zero_layers}"], "num_hidden_layers=0 must be a positive integer"),
+    ("plan-json-no-model-type", ["plan", "--model={json:no_model_type}"], 'has no "model_type"'),
     ("fit-trainer-strategy", ["fit", "--trainer.strategy=nosuch"], "trainer settings refused"),
     ("fit-trainer-accelerator", ["fit", "--trainer.accelerator=mps"], "MPSAccelerator"),
     # data: refused before tokenizing

@@ -64,6 +64,9 @@ def llama_config_from_dict(config: dict[str, Any]) -> LlamaConfig:
 def checked_llama_dict(config: dict[str, Any], source: str) -> dict[str, Any]:
     """Check that ``config`` describes a Llama model; return it."""
     model_type = config.get("model_type")
+    if model_type is None:
+        raise ConfigError(f'{source} has no "model_type"; a Llama config says "model_type": "llama" (as '
+                          "save_pretrained writes it). Add it, or use one of the presets " f"{preset_names()}.")
     if model_type != "llama":
         raise ConfigError(
             f"{source} describes a {model_type!r} model, but llama_ft fine-tunes Llama-architecture models only "
