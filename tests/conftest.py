@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (see below)
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +23,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.data.sources import load_tokenizer
 from tests.helpers import HUB_README, tiny_llama_config
+
+# Lightning gives its loggers a handler on whatever sys.stderr is when it is first imported. ``import llama_ft`` no
+# longer imports it, so the first test to run ``main([...])`` would bind it to pytest's capture of that test, closed
+# afterwards ("--- Logging error ---" in every later test's output); importing it here binds the real stream.
 
 # The environment as the session starts. A fit run inside the test process (``main([...])``) leaves Lightning's
 # variables behind (LOCAL_RANK, NODE_RANK, MASTER_PORT, …); a later ``main.py fit`` child inheriting LOCAL_RANK
