@@ -208,10 +208,12 @@ gives no figure, for reference. Sources: torchtitan (github.com/pytorch/torchtit
 IBM's fms-fsdp README and the PyTorch blog post "Maximizing training throughput using PyTorch FSDP" (both tables).
 
 Caveats: the 405B row's training config sets compile = true while its table row lists no optimizations (kept, held
-out). IBM's README 13B HSDP row at micro-batch 1 without checkpointing (1,700 tok/s) is the one row outside ±20%: it
-measured slower than the blog's 13B on the same cluster at micro-batch 2 with half the blocks recomputed (1,800 tok/s,
-predicted within 6%), which means a cost per micro-batch that neither the compute nor the stated network explains;
-it was not fitted away. Regenerate: `python benchmarks/planner_vs_published.py --write`.
+out). Compute that overlaps a collective is slowed by 18.9% (`CostCoefficients.overlap_compute_slowdown`, taken from
+arXiv 2507.03114's measurements, not fitted here); without it IBM's README 13B HSDP row at micro-batch 1 without
+checkpointing was predicted 24% fast, as its inter-node all-reduce overlaps most of the backward. That row is still
+the worst (+15%): it measured slower than the blog's 13B on the same cluster at micro-batch 2 with half the blocks
+recomputed (1,800 tok/s), a cost per micro-batch the model only partly explains.
+Regenerate: `python benchmarks/planner_vs_published.py --write`.
 
 """
 

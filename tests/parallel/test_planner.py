@@ -91,9 +91,11 @@ def test_llama31_405b_on_64_nodes_weighs_tensor_parallel_and_pure_fsdp_layouts()
     assert not result.chosen.layout.cpu_offload
     tps = {p.layout.tp for p in result.candidates}
     assert 1 in tps and 8 in tps
-    # FSDP over all 512 GPUs rings through every NIC of every node, so its gathers hide behind compute.
+    # FSDP over all 512 GPUs rings through every NIC of every node, so its gathers hide behind compute: what is
+    # exposed is the slowdown they cause to the compute beside them, not the collectives' own time.
     best = result.chosen
-    assert best.time.exposed_communication_s < 0.1 * best.step_time_s
+    assert best.time.communication_s < best.time.compute_s
+    assert best.time.exposed_communication_s < 0.2 * best.time.communication_s
 
 
 def test_planning_512_devices_returns_ranked_plans():

@@ -14,7 +14,7 @@ from llama_ft.parallel.layout import Layout
 from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS
 from llama_ft.parallel.planning.planner import PlanPins, plan_parallelism
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
-from llama_ft.parallel.planning.step_time import estimate_step_time, group_link, matmul_efficiency
+from llama_ft.parallel.planning.step_time import estimate_step_time, group_link, matmul_efficiency, overlapped
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_published_runs_are_predicted_within_the_targets():
     spec.loader.exec_module(module)
     _, stats = module.build_table()
     assert stats["median"] <= 0.10
-    assert stats["within"] >= stats["rows"] - 1  # one IBM row (13B HSDP, micro-batch 1) is 24% off; see the table
+    assert stats["worst"] <= 0.20 and stats["within"] == stats["rows"]
 
 
 def test_bf16_gradient_reduction_halves_the_hsdp_replica_traffic():
@@ -87,3 +87,11 @@ def test_bf16_gradient_reduction_halves_the_hsdp_replica_traffic():
                               replace(DEFAULT_COEFFICIENTS, bf16_gradient_reduction=True))
     assert bf16.compute_s == pytest.approx(fp32.compute_s)
     assert bf16.exposed_communication_s < fp32.exposed_communication_s
+
+
+def test_overlapped_collectives_cost_the_slowdown_they_cause_or_what_outlasts_the_compute():
+    slowdown = DEFAULT_COEFFICIENTS.overlap_compute_slowdown
+    assert overlapped(1.0, 4.0, DEFAULT_COEFFICIENTS) == pytest.approx(slowdown * 1.0)  # hidden, slows the compute
+    assert overlapped(4.2, 4.0, DEFAULT_COEFFICIENTS) == pytest.approx(slowdown * 4.0)  # barely fits: contention wins
+    assert overlapped(6.0, 4.0, DEFAULT_COEFFICIENTS) == pytest.approx(2.0)  # outlasts the compute
+    assert overlapped(1.0, 4.0, replace(DEFAULT_COEFFICIENTS, overlap_compute_slowdown=0.0)) == 0.0

@@ -37,8 +37,9 @@ class Accelerator:
 #   throughput using PyTorch FSDP" (PyTorch blog, 2024): Llama 2 7B at 57% MFU on 128 A100.
 # - H100: torchtitan's benchmarks/llama3_h100_202412_torchtitan.md: Llama 3.1 8B eager FSDP reaches 33-39% MFU on
 #   500 W HBM2e H100s (reported against the 989 TFLOP/s SXM peak); H100 runs reach 35-45% MFU eagerly.
-# Other devices keep a conservative guess from their generation (MI300X: like H100 relative to its peak).
-MATMUL_EFFICIENCY = {"a100": 0.84, "h100": 0.52, "h200": 0.55, "l40s": 0.55, "mi300x": 0.40, "cpu": 0.45}
+# Other devices keep a conservative guess from their generation (H200: H100's compute die; MI300X: below H100
+# relative to its peak).
+MATMUL_EFFICIENCY = {"a100": 0.84, "h100": 0.55, "h200": 0.55, "l40s": 0.55, "mi300x": 0.40, "cpu": 0.45}
 
 # Memory as the driver reports it (nvidia-smi / rocm-smi totals); FLOP/s from the vendors' dense bf16 figures;
 # link numbers are achievable ring bus bandwidth: NVLink4 ~360 GB/s, NVLink3 ~230 GB/s, PCIe Gen4 through the

@@ -98,8 +98,9 @@ def ring_all_reduce_s(nbytes: float, ranks: int, link: tuple[float, float], coll
 
 
 def overlapped(comm_s: float, compute_s: float, coeffs: CostCoefficients) -> float:
-    """Collectives issued ahead of compute hide behind it; what does not fit, and a small share, is exposed."""
-    return max(comm_s - compute_s, coeffs.min_exposed_fraction * comm_s)
+    """Exposed seconds of collectives issued ahead of compute: what outlasts the compute, or, when they fit, the
+    slowdown they cause to the compute they run beside (contention for SMs), whichever is longer."""
+    return max(comm_s - compute_s, coeffs.overlap_compute_slowdown * min(comm_s, compute_s))
 
 
 def fsdp_microbatch_comm_s(
