@@ -12,7 +12,8 @@ from torchmetrics import MeanMetric
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llama_ft.callbacks.watchdog import expect_silence
-from llama_ft.checkpoint.huggingface import load_sharded_weights, save_hf_directory
+from llama_ft.checkpoint.hf_headers import check_weights_fit
+from llama_ft.checkpoint.huggingface import architecture_shapes, load_sharded_weights, save_hf_directory
 from llama_ft.checkpoint.lora_export import save_merged_hf_directory
 from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.data.prompt import DEFAULT_PROMPT, read_prompt_format
@@ -111,6 +112,9 @@ class LlamaFineTuner(L.LightningModule):
         # An exported directory says how it was prompted; the data module prompts the same way (None: the default).
         self.prompt_format = read_prompt_format(model_name_or_path)
         self.model: LlamaForCausalLM | None = None
+        self._base_dir: Path | None = None
+        if model_name_or_path is not None and Path(model_name_or_path).expanduser().is_dir():
+            self.base_checkpoint()  # a damaged or mismatched local checkpoint fails here, before any work
         self.val_loss = MeanMetric()
         self.val_perplexity = MeanPerplexity()
         self.test_loss = MeanMetric()
@@ -127,6 +131,15 @@ class LlamaFineTuner(L.LightningModule):
                 f"config with vocab_size >= {len(tokenizer)}."
             )
 
+    def base_checkpoint(self) -> Path:
+        """The base model's directory, its safetensors headers checked against the architecture (once): every loading
+        path refuses a damaged, incomplete or mismatched checkpoint in one line before reading a weight."""
+        if self._base_dir is None:
+            directory = resolve_local_checkpoint(self.hparams.model_name_or_path)
+            check_weights_fit(directory, architecture_shapes(self.llama_config), self.llama_config.num_hidden_layers)
+            self._base_dir = directory
+        return self._base_dir
+
     def configure_model(self) -> None:
         """Build the model here so a sharding strategy can create it on the meta device first."""
         if self.model is not None:
@@ -135,9 +148,10 @@ class LlamaFineTuner(L.LightningModule):
             self.model = LlamaForCausalLM(self.llama_config)  # shapes only; initialize_weights fills it later
         elif self.hparams.model_name_or_path is not None:
             self.model = LlamaForCausalLM.from_pretrained(
-                resolve_local_checkpoint(self.hparams.model_name_or_path),
+                self.base_checkpoint(),
                 config=self.llama_config,
                 dtype=torch.get_default_dtype(),
+                use_safetensors=True,
             ).train()
         else:
             self.model = LlamaForCausalLM(self.llama_config)
@@ -168,7 +182,7 @@ class LlamaFineTuner(L.LightningModule):
         """
         assert self.model is not None
         if self.hparams.model_name_or_path is not None:
-            directory = resolve_local_checkpoint(self.hparams.model_name_or_path)
+            directory = self.base_checkpoint()
             with expect_silence(f"loading {directory}"):
                 load_sharded_weights(self.model, directory, key_map=base_key_map(self.model))
         else:

@@ -1,11 +1,13 @@
 """Hostile and careless input through every command: checkpoints that would run code, outputs that would destroy the
-user's files, checkpoints that do not fit the run. Each case exits 2 with one ``error:`` line (or ends in the safe
-outcome it names), never runs the payload, and leaves every file of the user's folder as it was.
+user's files, checkpoints that do not fit the run, damaged or mismatched base models. Each case exits 2 with one
+``error:`` line (or ends in the safe outcome it names), never runs the payload, and leaves every file of the user's
+folder as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import warnings
@@ -16,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from jsonargparse import Namespace
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_ft.checkpoint.safe_pickle import check_dcp_metadata
@@ -59,6 +62,36 @@ def _dcp_dir(path: Path, model: dict, data: dict) -> Path:
     return path
 
 
+def _damaged_base_models(root: Path, model: LlamaForCausalLM, marker: Path) -> Namespace:
+    """Copies of a base model as downloads and hands leave them: cut short, a tensor lost or reshaped, an index
+    naming a file that is not there or one outside the folder, a header claiming exabytes, a pickle instead."""
+    d = Namespace()
+    for name in ("truncated", "missing", "reshaped", "huge_header", "outside_index"):
+        setattr(d, name, root / name)
+        model.save_pretrained(root / name)
+    weights = d.truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    state = load_file(d.missing / "model.safetensors")
+    del state["model.layers.1.self_attn.q_proj.weight"]
+    save_file(state, d.missing / "model.safetensors", metadata={"format": "pt"})
+    state = load_file(d.reshaped / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:-1].contiguous()
+    save_file(state, d.reshaped / "model.safetensors", metadata={"format": "pt"})
+    weights = d.huge_header / "model.safetensors"
+    weights.write_bytes((2**62).to_bytes(8, "little") + weights.read_bytes()[8:])
+    names = load_file(d.outside_index / "model.safetensors")
+    (d.outside_index / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(names, "../base_model/model.safetensors")}))
+    d.incomplete = root / "incomplete"
+    model.save_pretrained(d.incomplete, max_shard_size="200KB")
+    sorted(d.incomplete.glob("model-*.safetensors"))[-1].unlink()
+    d.pickle_only = root / "pickle_only"
+    d.pickle_only.mkdir()
+    (d.pickle_only / "config.json").write_text((d.missing / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, d.pickle_only / "pytorch_model.bin")
+    return d
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Namespace:
     """A user's folder (base model, data, notes, good and hostile checkpoints) and a scratch folder for runs."""
@@ -89,6 +122,7 @@ def world(tmp_path_factory) -> Namespace:
                                 {f"model.{k}": v for k, v in tiny.state_dict().items()})
     w.base_model = user / "base_model"
     tiny.save_pretrained(w.base_model)
+    w.damaged = _damaged_base_models(user / "damaged", tiny, w.marker)
     w.data = user / "cnn_dailymail"
     (w.data / "3.0.0").mkdir(parents=True)
     w.parquet = w.data / "3.0.0" / "validation-00000-of-00001.parquet"
@@ -143,6 +177,26 @@ CASES = {
                            "cannot read checkpoint"),
     "export-truncated-metadata": (lambda w: ["export", "--ckpt", str(w.truncated_dcp), "--out", str(w.runs / "o")],
                                   "cannot read"),
+    # a damaged or mismatched base model: one line before any tokenizing or weight loading, on every strategy
+    "fit-base-truncated": (lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.truncated}"),
+                           "the file is damaged (e.g. a partial download)"),
+    "fit-base-huge-header-advanced": (
+        lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.huge_header}",
+                            "--trainer.strategy=advanced"), "header too large"),
+    "fit-base-missing-tensor": (lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.missing}"),
+                                "lacks weights for ['model.layers.1.self_attn.q_proj.weight']"),
+    "fit-base-reshaped-tensor-advanced": (
+        lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.reshaped}",
+                            "--trainer.strategy=advanced"),
+        "holds model.layers.0.mlp.up_proj.weight as [351, 128] where the model needs [352, 128]"),
+    "fit-base-index-names-absent-file": (
+        lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.incomplete}"),
+        "the download is incomplete"),
+    "fit-base-index-names-file-outside": (
+        lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.outside_index}",
+                            "--trainer.strategy=advanced"), "names files outside its directory"),
+    "fit-base-pickle-only": (lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.damaged.pickle_only}"),
+                             "llama_ft loads safetensors weights only"),
     # 2. outputs never destroy what llama_ft did not write; a run's sources are never outputs
     "fit-export-into-base-model": (lambda w: _run_args(w, "fit", f"--model.model_name_or_path={w.base_model}",
                                                        f"--model.hf_export_dir={w.base_model}"),

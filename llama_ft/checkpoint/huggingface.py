@@ -12,7 +12,6 @@ holds the whole model.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from collections import deque
@@ -29,12 +28,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.futures import Future
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from llama_ft.checkpoint.hf_headers import checkpoint_shapes, weight_files
 from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
 from llama_ft.checkpoint.rank_writes import agree, shared_output_dir, write_local_slices
 from llama_ft.checkpoint.safetensors_stream import (
     DEFAULT_MAX_SHARD_SIZE,
-    INDEX_FILE,
-    SINGLE_FILE,
     TensorSpec,
     preallocate_shards,
     shard_files,
@@ -66,28 +64,21 @@ def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_tensor_names(directory: Path) -> set[str]:
-    """Names of the tensors in a Hugging Face checkpoint directory (headers only; no tensor is read)."""
-    if (directory / INDEX_FILE).is_file():
-        return set(json.loads((directory / INDEX_FILE).read_text())["weight_map"])
-    if (directory / SINGLE_FILE).is_file():
-        with safe_open(directory / SINGLE_FILE, framework="pt") as file:
-            return set(file.keys())
-    raise ConfigError(
-        f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}; llama_ft loads safetensors weights only "
-        "(safe by default). Convert the checkpoint with transformers' save_pretrained(safe_serialization=True)."
-    )
+def architecture_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of this Llama architecture must hold, by name and shape (built on the meta device)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: tuple(value.shape) for name, value in hf_state_dict(model).items()}
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face checkpoint directory in this process (LoRA's merged export needs the base)."""
     directory = Path(directory)
-    names = checkpoint_tensor_names(directory)
-    if (directory / SINGLE_FILE).is_file():
-        return load_file(directory / SINGLE_FILE)
-    shards = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    names = checkpoint_shapes(directory)
     state: dict[str, torch.Tensor] = {}
-    for shard in shards:
+    for shard in sorted(set(weight_files(directory).values())):
         state.update(load_file(directory / shard))
     return {name: state[name] for name in names}
 
@@ -118,7 +109,7 @@ def load_sharded_weights(model: PreTrainedModel, directory: str | Path,
     to_checkpoint = {model_name: name for name, model_name in (key_map or {}).items()}
     state = {to_checkpoint.get(key, key): value for key, value in hf_state_dict(model).items()
              if ".lora_A." not in key and ".lora_B." not in key}
-    missing = sorted(set(state) - checkpoint_tensor_names(directory))
+    missing = sorted(set(state) - set(checkpoint_shapes(directory)))
     if missing:
         raise ConfigError(f"checkpoint {directory} lacks weights for {missing[:5]}…; is it a Llama checkpoint of "
                           f"this architecture ({model.config.num_hidden_layers} layers)?")

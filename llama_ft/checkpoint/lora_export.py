@@ -8,7 +8,6 @@ or from the base's Hugging Face directory (a pretrained base's checkpoint holds 
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llama_ft.checkpoint.hf_headers import checkpoint_shapes, weight_files
 from llama_ft.checkpoint.huggingface import (
-    checkpoint_tensor_names,
     gathered_tensors,
     hf_state_dict,
     is_rank_zero,
@@ -27,7 +26,7 @@ from llama_ft.checkpoint.huggingface import (
 )
 from llama_ft.checkpoint.model_card import TrainingRecord
 from llama_ft.checkpoint.reader import LightningCheckpoint
-from llama_ft.checkpoint.safetensors_stream import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, TensorSpec
+from llama_ft.checkpoint.safetensors_stream import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 from llama_ft.lora import LoraSettings, merged_weights, to_hf_names
 
 
@@ -36,9 +35,8 @@ def read_hf_directory(directory: str | Path) -> LightningCheckpoint:
     headers, each tensor read only when asked for. The file is opened per tensor: a memory-mapped file's pages
     count in the process's resident memory until it is closed."""
     directory = Path(directory)
-    names = checkpoint_tensor_names(directory)  # one clear error when there are no safetensors weights
-    index = directory / INDEX_FILE
-    files = json.loads(index.read_text())["weight_map"] if index.is_file() else dict.fromkeys(names, SINGLE_FILE)
+    names = checkpoint_shapes(directory)  # one clear error for missing, damaged or incomplete weights
+    files = weight_files(directory)
     headers = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
     specs = {name: TensorSpec(name, tuple(headers[name].size), headers[name].properties.dtype) for name in names}
 
