@@ -80,14 +80,19 @@ def weight_files(directory: str | Path) -> dict[str, str]:
     return dict.fromkeys(_file_shapes(directory / SINGLE_FILE), SINGLE_FILE)
 
 
+def refuse_missing(directory: str | Path, missing: set[str], layers: int) -> None:
+    """One line naming the model tensors a checkpoint lacks (none: nothing to say)."""
+    if missing:
+        names = sorted(missing)
+        raise ConfigError(f"checkpoint {directory} lacks weights for {names[:5]}{'…' if len(names) > 5 else ''}; "
+                          f"is it a Llama checkpoint of this architecture ({layers} layers)?")
+
+
 def check_weights_fit(directory: str | Path, expected: Mapping[str, Shape], layers: int) -> None:
     """Refuse a checkpoint that lacks one of the model's tensors or holds one in another shape (transformers would
     initialize a missing one at random and train on it)."""
     shapes = checkpoint_shapes(directory)
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        raise ConfigError(f"checkpoint {directory} lacks weights for {missing[:5]}{'…' if len(missing) > 5 else ''};"
-                          f" is it a Llama checkpoint of this architecture ({layers} layers)?")
+    refuse_missing(directory, set(expected) - set(shapes), layers)
     wrong = [(name, shapes[name], shape) for name, shape in expected.items() if shapes[name] != shape]
     if wrong:
         name, have, want = wrong[0]

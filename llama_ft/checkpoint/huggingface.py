@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.futures import Future
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_ft.checkpoint.hf_headers import checkpoint_shapes, weight_files
+from llama_ft.checkpoint.hf_headers import checkpoint_shapes, refuse_missing, weight_files
 from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
 from llama_ft.checkpoint.rank_writes import agree, shared_output_dir, write_local_slices
 from llama_ft.checkpoint.safetensors_stream import (
@@ -38,7 +38,6 @@ from llama_ft.checkpoint.safetensors_stream import (
     shard_files,
     write_safetensors_shards,
 )
-from llama_ft.errors import ConfigError
 from llama_ft.outputs import mark_output_dir
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, not part of the HF name
@@ -109,10 +108,7 @@ def load_sharded_weights(model: PreTrainedModel, directory: str | Path,
     to_checkpoint = {model_name: name for name, model_name in (key_map or {}).items()}
     state = {to_checkpoint.get(key, key): value for key, value in hf_state_dict(model).items()
              if ".lora_A." not in key and ".lora_B." not in key}
-    missing = sorted(set(state) - set(checkpoint_shapes(directory)))
-    if missing:
-        raise ConfigError(f"checkpoint {directory} lacks weights for {missing[:5]}…; is it a Llama checkpoint of "
-                          f"this architecture ({model.config.num_hidden_layers} layers)?")
+    refuse_missing(directory, set(state) - set(checkpoint_shapes(directory)), model.config.num_hidden_layers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, storage_reader=_TensorAtATimeReader(str(directory)), no_dist=not dist.is_initialized())
