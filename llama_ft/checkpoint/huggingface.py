@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.futures import Future
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_ft.checkpoint.hf_headers import checkpoint_shapes, refuse_missing, weight_files
 from llama_ft.checkpoint.model_card import TrainingRecord, write_model_card
@@ -65,8 +65,6 @@ def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 def architecture_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint of this Llama architecture must hold, by name and shape (built on the meta device)."""
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     return {name: tuple(value.shape) for name, value in hf_state_dict(model).items()}
