@@ -128,6 +128,7 @@ def test_installed_package_is_not_the_repository(installed):
     assert package.resolve().is_relative_to(installed.venv.resolve()), package
     # The package data the runtime reads (presets, embedded default recipe, bundled sample) came with it.
     assert (package / "presets" / "default.yaml").is_file()
+    assert (package / "presets" / "recipe_schema.json").is_file()  # plan reads recipes through it
     assert {p.stem for p in (package / "presets" / "models").glob("*.json")} >= {"llama-3-8b", "llama-tiny"}
     sample = package / "data" / "sample"
     assert list((sample / "cnn_dailymail" / "3.0.0").glob("train-*.parquet"))
@@ -155,11 +156,15 @@ def test_help_lists_every_command(installed):
 
 
 def test_plan(installed):
-    proc = installed.run(installed.llama_ft, "plan", "--model", "llama-3-8b", "--nodes", "1", "--devices", "8",
-                         "--gpu", "h100-80gb")
-    assert proc.returncode == 0, _output(proc)
-    # A layout as the report spells it, e.g. "FSDP 8 × TP 1, AC none".
-    assert re.search(r"\b(DDP|FSDP|HSDP) [0-9×]+ × TP \d+", proc.stdout), _output(proc)
+    """With no recipe and with one (the full recipe, copied beside the user's work), without importing torch."""
+    shutil.copy(REPO_ROOT / "configs" / "llama3_8b_cnn_dailymail.yaml", installed.work / "recipe.yaml")
+    for recipe in ([], ["--config", "recipe.yaml"]):
+        proc = installed.run(installed.python, "-X", "importtime", installed.llama_ft, "plan", "--model", "llama-3-8b",
+                             "--nodes", "1", "--devices", "8", "--gpu", "h100-80gb", *recipe)
+        assert proc.returncode == 0, _output(proc)
+        # A layout as the report spells it, e.g. "FSDP 8 × TP 1, AC none".
+        assert re.search(r"\b(DDP|FSDP|HSDP) [0-9×]+ × TP \d+", proc.stdout), _output(proc)
+        assert not re.search(r"\| torch$", proc.stderr, re.MULTILINE), "plan imported torch"
 
 
 def test_fit_embedded_default(installed):

@@ -237,3 +237,23 @@ def test_verify_exits_1_when_no_simulated_candidate_fits(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "Not verified: no candidate simulated fits" in text
     assert text.count("DOES NOT FIT") == 1 + verify.MAX_EXTRA_SIMULATIONS
+
+
+def test_the_recipe_strategy_describes_the_cluster_unless_flags_do(tmp_path, capsys):
+    """A recipe's advanced strategy that names its device and network plans as ``fit`` would; flags win."""
+    recipe = write_recipe(tmp_path / "described.yaml", {
+        "model": {"model_config": "llama-3-8b"},
+        "trainer": {"num_nodes": 2, "devices": 8, "strategy": {
+            "class_path": "llama_ft.AdvancedParallelStrategy",
+            "init_args": {"accelerator_name": "a100-80gb", "inter_node_gbps": 1600}}},
+    })
+    described = run_json(["--config", str(recipe)], capsys)["cluster"]
+    assert described["accelerator"] == "a100-80gb" and described["world_size"] == 16
+    assert described["node_network_gb_per_s"] == pytest.approx(1600 / 8 * 0.9)
+    flags = run_json(["--config", str(recipe), "--gpu", "h100-80gb", "--inter_node_gbps", "800"], capsys)["cluster"]
+    assert flags["accelerator"] == "h100-80gb" and flags["node_network_gb_per_s"] == pytest.approx(800 / 8 * 0.9)
+    custom = write_recipe(tmp_path / "custom.yaml", {"model": {"model_config": "llama-3-8b"}, "trainer": {
+        "devices": 2, "strategy": {"class_path": "llama_ft.AdvancedParallelStrategy",
+                                   "init_args": {"device_memory_gib": 24.0}}}})
+    assert main(["--config", str(custom)]) == 2
+    assert "peak_tflops" in capsys.readouterr().err

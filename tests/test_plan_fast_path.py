@@ -1,4 +1,5 @@
-"""``llama-ft plan`` without a recipe skips LightningCLI: same output as the LightningCLI path, no torch imported.
+"""``llama-ft plan`` skips LightningCLI: same output as the LightningCLI path, no torch imported, with or without a
+recipe; what it cannot be sure of goes to the LightningCLI path.
 
 The fast path (``llama_ft.cli.fast_plan``) is forced by calling it; the LightningCLI path by calling
 ``llama_ft.cli.lightning_cli.main``, which always parses with the fit classes.
@@ -6,7 +7,6 @@ The fast path (``llama_ft.cli.fast_plan``) is forced by calling it; the Lightnin
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -14,12 +14,34 @@ import sys
 import lightning as L
 import pytest
 
-from llama_ft import defaults
-from llama_ft.cli import fast_plan, lightning_cli, plan
+from llama_ft.cli import fast_plan, lightning_cli, plan, recipe_schema
+from llama_ft.parallel.planning.specs import TRAINER_PRECISION
+from llama_ft.presets import DEFAULT_RECIPE
 from tests.helpers import REPO_ROOT
 
 HEAVY = ("torch", "lightning", "transformers", "matplotlib")
 CLUSTER_8B = ["--model=llama-3-8b", "--nodes", "2", "--devices", "8", "--gpu", "h100-80gb"]
+RECIPE_8B = str(REPO_ROOT / "configs" / "llama3_8b_cnn_dailymail.yaml")
+RECIPE_LORA = str(REPO_ROOT / "configs" / "llama3_8b_cnn_dailymail_lora.yaml")
+# A recipe that pins the layout through the strategy's arguments (the bare class name, as jsonargparse allows).
+PINNED = """trainer:
+  devices: 4
+  num_nodes: 2
+  precision: bf16
+  strategy:
+    class_path: AdvancedParallelStrategy
+    init_args: {tp_size: 2, memory_fraction: 0.8, activation_checkpointing: full}
+model: {model_config: llama-3-8b}
+data: {max_length: 2048, global_batch_size: 64, batching: packed}
+"""
+# Values jsonargparse converts: ints where floats are due, a list where a tuple is, LoRA fields left out.
+CONVERTED = """trainer:
+  gradient_clip_val: 1
+  strategy:
+    class_path: llama_ft.parallel.AdvancedParallelStrategy
+    init_args: {memory_fraction: 1, peak_tflops: 100}
+model: {learning_rate: 1, betas: [0, 0.5], lora: {alpha: 16, dropout: 0}}
+"""
 
 
 @pytest.mark.parametrize("argv", [
@@ -37,28 +59,130 @@ def test_fast_path_prints_what_the_lightning_cli_path_prints(argv, capsys):
     assert fast.out or fast.err.startswith("error: --devices=0")
 
 
-def test_no_recipe_reads_the_defaults_lightning_cli_parses(monkeypatch):
-    """Every recipe value the fast path supplies equals what LightningCLI parses from the classes' signatures."""
+@pytest.fixture
+def pinned_recipe(tmp_path):
+    path = tmp_path / "pinned.yaml"
+    path.write_text(PINNED)
+    return str(path)
+
+
+@pytest.fixture
+def converted_recipe(tmp_path):
+    path = tmp_path / "converted.yaml"
+    path.write_text(CONVERTED)
+    return str(path)
+
+
+RECIPE_CASES = {
+    "embedded default": ["--config", str(DEFAULT_RECIPE), "--devices", "2", "--gpu", "cpu"],
+    "8B recipe": ["--config", RECIPE_8B, "--nodes", "4", "--gpu", "h100-80gb", "--top", "3"],
+    "LoRA recipe, json": ["-c", RECIPE_LORA, "--gpu", "a100-80gb", "--json", "--top", "2"],
+    "--model after the recipe wins": [f"--config={RECIPE_8B}", "--model", "llama-3.2-1b", "--gpu", "h100-80gb"],
+    "the recipe's model wins over an earlier --model": ["--model", "llama-3.2-1b", "--config", RECIPE_8B,
+                                                        "--gpu", "h100-80gb", "--top", "2"],
+    "strategy arguments pin the plan": ["--config", "PINNED", "--gpu", "h100-80gb"],
+    "a pin the recipe cannot run": ["--config", RECIPE_LORA, "--gpu", "h100-80gb", "--tp_size", "2"],
+}
+
+
+@pytest.mark.parametrize("argv", RECIPE_CASES.values(), ids=RECIPE_CASES.keys())
+def test_a_recipe_plans_as_on_the_lightning_cli_path(argv, pinned_recipe, capsys):
+    argv = ["plan", *(pinned_recipe if arg == "PINNED" else arg for arg in argv)]
+    fast_status = fast_plan.main(argv)
+    fast = capsys.readouterr()
+    slow_status = lightning_cli.main(argv)
+    slow = capsys.readouterr()
+    assert fast_status is not None  # it did take the fast path
+    assert (fast_status, fast.out, fast.err) == (slow_status, slow.out, slow.err)
+    assert fast.out or fast.err.startswith("error: tp_size=2 with model.lora")
+
+
+@pytest.mark.parametrize("recipe", [None, RECIPE_LORA, "PINNED", "CONVERTED"],
+                         ids=["no recipe", "LoRA recipe", "pinned", "converted"])
+def test_the_recipe_values_are_those_lightning_cli_parses(recipe, pinned_recipe, converted_recipe, monkeypatch):
+    """Every value the fast path supplies equals LightningCLI's (classes' defaults, the recipe's values, the
+    strategy's arguments, the LoRA fields with their defaults); only the classes plan does not read (callbacks,
+    logger) stay as the recipe wrote them."""
     parsed = []
     monkeypatch.setattr(plan, "run", lambda config, argv: parsed.append(config) or 0)
     argv = ["plan", "--model", "llama-tiny", "--devices", "2"]
+    if recipe:
+        argv += ["--config", {"PINNED": pinned_recipe, "CONVERTED": converted_recipe}.get(recipe, recipe)]
     assert lightning_cli.main(argv) == 0
-    fast = fast_plan.parse(argv, fast_plan.build_parser())
-    assert {key: parsed[0][key] for key, _ in fast.items()} == dict(fast.items())
-    assert fast.data.max_length == 1024 and fast.data.global_batch_size == 256
+    fast = fast_plan.parse(argv, fast_plan.build_parser(), recipe_schema.load_schema())
+    slow = parsed[0]
+    keys = recipe_schema.load_schema()["keys"]
+    values = {key: value for key, value in fast.items() if key not in keys or not _class_valued(keys[key]["type"])}
+    assert {key: slow[key] for key in values} == values
+    read_by_plan = ("trainer.precision", "trainer.num_nodes", "trainer.devices", "trainer.strategy",
+                    "model.model_config", "model.model_name_or_path", "model.lora", "data.dataset",
+                    "data.max_length", "data.global_batch_size", "data.micro_batch_size", "data.batching")
+    assert all(key in fast for key in read_by_plan)  # their values (nested ones flattened) are compared above
+    if recipe == "PINNED":
+        assert fast.trainer.strategy.init_args.tp_size == 2 and fast.data.batching == "packed"
+    if recipe == "CONVERTED":
+        assert fast.model.betas == (0.0, 0.5) and fast.model.lora.r == 8 and fast.model.lora.alpha == 16.0
 
 
-def test_trainer_defaults_mirrored_for_the_fast_path_are_lightnings():
-    parameters = inspect.signature(L.Trainer.__init__).parameters
-    assert {key: parameters[key].default for key in defaults.TRAINER_ARGUMENTS} == defaults.TRAINER_ARGUMENTS
+def _class_valued(form) -> bool:
+    """Keys that take classes (callbacks, logger, plugins) the fast path leaves as written: plan does not read them."""
+    return "opaque" in json.dumps(form)
+
+
+def test_the_trainer_runs_32_true_when_no_precision_is_given():
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    assert trainer.precision == defaults.TRAINER_PRECISION  # what `fit` runs when the recipe names no precision
+    assert trainer.precision == TRAINER_PRECISION  # what the planner plans when the recipe names no precision
+
+
+def test_the_recipe_schema_is_what_the_installed_classes_give():
+    """The shipped schema is derived from the parser; a changed signature without a regenerated file fails here."""
+    shipped = recipe_schema.SCHEMA_PATH.read_text()
+    assert shipped == recipe_schema.schema_text(recipe_schema.build_schema()), (
+        f"{recipe_schema.SCHEMA_PATH.name} is out of date: run {recipe_schema.WRITE_COMMAND}")
+    assert recipe_schema.load_schema() is not None  # derived under the installed Lightning, so it is used
+
+
+def test_a_schema_from_another_lightning_is_not_used(tmp_path):
+    schema = json.loads(recipe_schema.SCHEMA_PATH.read_text())
+    schema["lightning"] = "1.0.0"
+    other = tmp_path / "schema.json"
+    other.write_text(json.dumps(schema))
+    assert recipe_schema.load_schema(other) is None
+
+
+UNSURE = {  # recipes the fast path leaves to LightningCLI, and what LightningCLI then says (None: it plans)
+    "unknown key": ("data:\n  max_lenght: 2048\n", "error: "),
+    "value of the wrong type": ("data:\n  max_length: -1\n", "error: "),
+    "a bool where an int is due": ("trainer:\n  num_nodes: true\n", "error: "),
+    "unknown section": ("dataa:\n  max_length: 2048\n", "error: "),
+    "unknown strategy argument": ("trainer:\n  strategy:\n    class_path: llama_ft.AdvancedParallelStrategy\n"
+                                  "    init_args: {tp: 2}\n", "error: "),
+    "a strategy class it does not know": ("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies."
+                                          "DDPStrategy\n", None),
+    "not a mapping": ("- trainer\n", "error: "),
+    "a LoRA field it does not have": ("model:\n  lora: {rank: 8}\n", "error: "),
+}
+
+
+@pytest.mark.parametrize(("text", "outcome"), UNSURE.values(), ids=UNSURE.keys())
+def test_what_the_fast_path_is_unsure_of_goes_to_lightning_cli(text, outcome, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    argv = ["plan", "--model", "llama-3-8b", "--devices", "8", "--gpu", "h100-80gb", "--config", str(recipe)]
+    assert fast_plan.main(argv) is None
+    status = lightning_cli.main(argv)
+    err = capsys.readouterr().err
+    if outcome is None:
+        assert status == 0
+    else:
+        assert status == 2 and err.startswith(outcome) and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(("argv", "fast"), [
     (["plan", "--model", "llama-3-8b", "--devices", "8", "--json", "--plot=p.png", "--cpu_offload", "false"], True),
-    (["plan", "--model", "llama-3-8b", "--config", "r.yaml"], False),  # a recipe: LightningCLI
+    (["plan", "--model", "llama-3-8b", "--config", "r.yaml"], True),  # one recipe
+    (["plan", "--config", "r.yaml", "--config", "s.yaml"], False),  # recipes merged: LightningCLI
     (["plan", "--model", "llama-3-8b", "--trainer.precision", "bf16-mixed"], False),  # a class key
     (["plan", "--model.model_config", "llama-3-8b"], False),
     (["plan", "--model", "section.yaml"], False),  # the model section's own recipe file
@@ -77,7 +201,8 @@ def test_only_plan_options_take_the_fast_path(argv, fast):
     ["-c", "import sys; from llama_ft.cli import main; sys.exit(main())"],  # what the llama-ft console script runs
 ], ids=["main.py", "python -m llama_ft", "console script"])
 def test_every_entry_point_plans_without_importing_torch(entry):
-    proc = subprocess.run([sys.executable, "-X", "importtime", *entry, "plan", *CLUSTER_8B, "--json"],
+    proc = subprocess.run([sys.executable, "-X", "importtime", *entry, "plan", *CLUSTER_8B, "--json",
+                           "--config", RECIPE_8B],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["cluster"]["world_size"] == 16

@@ -1,8 +1,8 @@
 """The one command-line program, ``llama-ft`` (= ``python main.py`` = ``python -m llama_ft``): fit validate test
 predict plan slurm export.
 
-``plan`` without a recipe answers here without loading Lightning or torch (``fast_plan``); every other command line
-goes to the LightningCLI program (``lightning_cli``).
+``plan`` answers here without loading Lightning or torch (``fast_plan``) unless it needs LightningCLI; every other
+command line goes to the LightningCLI program (``lightning_cli``).
 """
 
 from __future__ import annotations

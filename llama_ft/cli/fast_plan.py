@@ -1,10 +1,12 @@
-"""``llama-ft plan`` for a cluster named on the command line alone: the same plan, without Lightning or torch.
+"""``llama-ft plan`` without Lightning or torch: the same plan as the LightningCLI path, in a fraction of the time.
 
-With no recipe (no ``--config``, no class key such as ``--trainer.precision``), everything ``plan`` reads from the
-LightningCLI parser is a class default; ``llama_ft.defaults`` holds those, so this path parses the plan's own options
-(``plan.add_arguments``, the subcommand's definitions) with a plain jsonargparse parser and prints what the
-LightningCLI path would, in a fraction of the time. Anything else (a recipe, a class key, ``--help``, ``--verify``,
-which imports torch anyway) takes the LightningCLI path.
+``plan`` reads only a few recipe values; what LightningCLI would parse from a recipe (or fill in from the classes'
+defaults without one) comes here from ``recipe_schema``, the recipe keys, types and defaults derived from the same
+parser. A command line with at most one ``--config`` recipe, the ``--model NAME`` shorthand and the plan's own
+options is answered here when every key of the recipe is one the parser has and every plain value passes its type;
+anything else (a class key such as ``--trainer.precision``, an unknown key or value, a class the schema does not
+know, ``--help``, ``--verify``, which imports torch anyway, or a Lightning other than the schema's) takes the
+LightningCLI path, which parses it itself.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
-from llama_ft import defaults
-from llama_ft.cli import plan
+from llama_ft.cli import plan, recipe_schema
 from llama_ft.cli.usage import OneLineErrors, report
 from llama_ft.errors import LlamaFTError
 
 SLOW_OPTIONS = ("--verify", "--verify_top")  # the simulation imports torch: nothing to gain
+CONFIG_FLAGS = ("--config", "-c")
 
 
 class PlanParser(OneLineErrors, ArgumentParser):
@@ -39,55 +41,72 @@ def own_options(parser: ArgumentParser) -> set[str]:
     return options - {"-h", "--help", *SLOW_OPTIONS}
 
 
+def split(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The recipe arguments in command-line order (``("config", FILE)``, ``("model", NAME)``) and the rest."""
+    recipe, rest = [], []
+    items = iter(args)
+    for arg in items:
+        flag, eq, value = arg.partition("=")
+        if flag in plan.SHORTHANDS or flag in CONFIG_FLAGS:
+            recipe.append(("config" if flag in CONFIG_FLAGS else "model", value if eq else next(items, "")))
+        else:
+            rest.append(arg)
+    return recipe, rest
+
+
 def handles(argv: list[str], parser: ArgumentParser) -> bool:
-    """Whether ``argv`` is ``plan`` with only the plan's own options and the ``--model NAME`` shorthand (a YAML
-    value there is the model section's recipe, so it is not)."""
+    """Whether ``argv`` is ``plan`` with only the plan's own options, at most one ``--config`` and the ``--model
+    NAME`` shorthand (a YAML value there is the model section's recipe, so it is not)."""
     if not argv or argv[0] != "plan":
         return False
+    recipe, rest = split(argv[1:])
     allowed = own_options(parser)
-    args = argv[1:]
-    for i, arg in enumerate(args):
-        if not arg.startswith("-"):
-            continue  # a value
-        flag, eq, value = arg.partition("=")
-        if flag in plan.SHORTHANDS:
-            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if value.endswith((".yaml", ".yml")):
-                return False
-        elif flag not in allowed:
-            return False
-    return True
+    configs = [value for kind, value in recipe if kind == "config"]
+    models = [value for kind, value in recipe if kind == "model"]
+    return (len(configs) <= 1 and not any(m.endswith((".yaml", ".yml")) for m in models)
+            and all(arg.partition("=")[0] in allowed for arg in rest if arg.startswith("-")))
 
 
-def with_recipe_defaults(config: Namespace, model: str | None) -> Namespace:
-    """Add the sections ``plan`` reads from a recipe, as LightningCLI fills them with no recipe: class defaults."""
-    config.model = Namespace(model_config=model, model_name_or_path=None, lora=None)
-    config.data = Namespace(dataset=defaults.DATASET, max_length=defaults.MAX_LENGTH,
-                            global_batch_size=defaults.GLOBAL_BATCH_SIZE, micro_batch_size=defaults.MICRO_BATCH_SIZE,
-                            batching=defaults.BATCHING)
-    config.trainer = Namespace(**defaults.TRAINER_ARGUMENTS)
+def read_recipe(recipe: list[tuple[str, str]], schema: recipe_schema.Schema) -> Namespace | None:
+    """The recipe sections LightningCLI would parse from these arguments, in their order; None where it must."""
+    config = recipe_schema.defaults(schema)
+    for kind, value in recipe:
+        if kind == "model":
+            config["model.model_config"] = value
+            continue
+        path = Path(value)
+        try:  # a regular file only (jsonargparse also takes YAML text here, and a device would never end)
+            text = path.read_text(encoding="utf-8") if path.is_file() else None
+        except (OSError, ValueError):
+            text = None
+        if text is None:
+            return None
+        config = recipe_schema.read_recipe(text, schema, config)
+        if config is None:
+            return None
     return config
 
 
-def parse(argv: list[str], parser: ArgumentParser) -> Namespace:
-    """The plan options, and ``--model NAME`` as the model section's ``model_config``."""
-    model, rest = None, []
-    args = iter(argv[1:])
-    for arg in args:
-        flag, eq, value = arg.partition("=")
-        if flag in plan.SHORTHANDS:
-            model = value if eq else next(args, None)
-        else:
-            rest.append(arg)
-    return with_recipe_defaults(parser.parse_args(rest), model)
+def parse(argv: list[str], parser: ArgumentParser, schema: recipe_schema.Schema) -> Namespace | None:
+    """The plan options with the recipe's sections, as the LightningCLI path parses them; None where it must."""
+    recipe, rest = split(argv[1:])
+    sections = read_recipe(recipe, schema)
+    if sections is None:
+        return None
+    config = parser.parse_args(rest)
+    for name, value in vars(sections).items():  # the top-level keys: sections and recipe-wide settings
+        config[name] = value
+    return config
 
 
 def main(argv: list[str]) -> int | None:
     """Plan ``argv`` here and return the exit status, or None when it needs the LightningCLI path."""
     parser = build_parser()
-    if not handles(argv, parser):
+    schema = recipe_schema.load_schema()
+    if schema is None or not handles(argv, parser):
         return None
     try:
-        return plan.run(parse(argv, parser), argv[1:])
+        config = parse(argv, parser, schema)
+        return None if config is None else plan.run(config, argv[1:])
     except LlamaFTError as err:
         return report(err)

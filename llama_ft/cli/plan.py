@@ -128,22 +128,38 @@ def _devices(value: Any) -> int | None:
     return None
 
 
+def recipe_cluster(strategy: Any) -> dict[str, Any]:
+    """The device and network the recipe's advanced strategy describes (its ``accelerator_name``,
+    ``device_memory_gib``, ``peak_tflops``, ``inter_node_gbps``), as ``fit`` would plan with them."""
+    if not isinstance(strategy, Namespace) or "advanced" not in str(strategy.get("class_path", "")).lower():
+        return {}
+    args = strategy.get("init_args") or Namespace()
+    keys = ("accelerator_name", "device_memory_gib", "peak_tflops", "inter_node_gbps")
+    return {key: args[key] for key in keys if key in args and args[key] is not None}
+
+
 def resolve_cluster(config: Namespace) -> ClusterSpec:
+    """The cluster from the flags; where they name no device or network, the recipe's strategy description."""
     nodes = config.nodes or config.trainer.num_nodes
     devices = config.devices or _devices(config.trainer.devices)
     if devices is None:
         raise ConfigError(f"devices per node unknown (trainer.devices is {config.trainer.devices!r}): pass "
                           "--devices D.")
-    if config.gpu_memory_gib or config.gpu_tflops:
-        if not (config.gpu_memory_gib and config.gpu_tflops):
-            raise ConfigError("a device not in the table needs both --gpu_memory_gib and --gpu_tflops.")
-        cluster = ClusterSpec.describe_device(config.gpu_memory_gib, config.gpu_tflops, nodes, devices,
-                                              name=config.gpu or "custom")
-    elif config.gpu:
-        cluster = ClusterSpec.from_accelerator(config.gpu, nodes, devices)
+    recipe = recipe_cluster(config.trainer.strategy)
+    gpu, memory, tflops = config.gpu, config.gpu_memory_gib, config.gpu_tflops
+    if not (gpu or memory or tflops):  # no device flag: the one the recipe describes, if any
+        gpu, memory, tflops = (recipe.get(k) for k in ("accelerator_name", "device_memory_gib", "peak_tflops"))
+    if memory or tflops:
+        if not (memory and tflops):
+            raise ConfigError("a device not in the table needs both its memory and its peak: --gpu_memory_gib and "
+                              "--gpu_tflops (or the strategy's device_memory_gib and peak_tflops).")
+        cluster = ClusterSpec.describe_device(memory, tflops, nodes, devices, name=gpu or "custom")
+    elif gpu:
+        cluster = ClusterSpec.from_accelerator(gpu, nodes, devices)
     else:
         cluster = ClusterSpec.detect(nodes, devices)
-    return cluster if config.inter_node_gbps is None else cluster.with_node_network(config.inter_node_gbps)
+    gbps = config.inter_node_gbps if config.inter_node_gbps is not None else recipe.get("inter_node_gbps")
+    return cluster if gbps is None else cluster.with_node_network(gbps)
 
 
 def resolve_pins(config: Namespace) -> tuple[PlanPins, float | None]:

@@ -9,7 +9,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from llama_ft import defaults
 from llama_ft.data.articles import check_articles_file, read_articles
 from llama_ft.data.batching import (
     BATCHING_MODES,
@@ -76,12 +75,12 @@ class CNNDailyMailDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str = defaults.DATASET,
+        dataset: str = "abisee/cnn_dailymail",
         tokenizer: str = "meta-llama/Meta-Llama-3-8B",
-        max_length: PositiveInt = defaults.MAX_LENGTH,
-        global_batch_size: PositiveInt = defaults.GLOBAL_BATCH_SIZE,
-        micro_batch_size: PositiveInt = defaults.MICRO_BATCH_SIZE,
-        batching: BatchingMode = defaults.BATCHING,
+        max_length: PositiveInt = 1024,
+        global_batch_size: PositiveInt = 256,
+        micro_batch_size: PositiveInt = 1,
+        batching: BatchingMode = "length_grouped",
         loss_on: LossOn = "summary",
         val_every_n_steps: PositiveInt | None = None,
         max_examples_per_split: PositiveInt | None = None,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llama_ft.defaults import TRAINER_PRECISION
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
 from llama_ft.parallel.planning.units import GIGA, TERA, GiB, readable_count
@@ -330,6 +329,7 @@ _PRECISION_ALIASES = {
     "32-true": "32-true",
     "32": "32-true",
 }
+TRAINER_PRECISION = "32-true"  # what a Lightning Trainer runs when its precision argument is None (a test checks)
 OPTIMIZERS = ("adamw",)
 
 
