@@ -82,6 +82,13 @@ RECIPE_CASES = {
                                                         "--gpu", "h100-80gb", "--top", "2"],
     "strategy arguments pin the plan": ["--config", "PINNED", "--gpu", "h100-80gb"],
     "a pin the recipe cannot run": ["--config", RECIPE_LORA, "--gpu", "h100-80gb", "--tp_size", "2"],
+    "class keys after the recipe win": ["--config", RECIPE_8B, "--data.max_length", "4096", "--trainer.num_nodes=2",
+                                        "--data.batching=packed", "--gpu", "h100-80gb", "--top", "2"],
+    "the recipe wins over earlier class keys": ["--data.max_length", "4096", "--config", RECIPE_8B,
+                                                "--gpu", "h100-80gb", "--top", "2"],
+    "class keys alone": ["--model.model_config", "llama-3.2-3b", "--trainer.precision", "bf16-true",
+                         "--model.learning_rate=2e-5", "--data.num_proc", "null", "--gpu", "a100-80gb",
+                         "--devices", "4"],
 }
 
 
@@ -97,9 +104,15 @@ def test_a_recipe_plans_as_on_the_lightning_cli_path(argv, pinned_recipe, capsys
     assert fast.out or fast.err.startswith("error: tp_size=2 with model.lora")
 
 
-@pytest.mark.parametrize("recipe", [None, RECIPE_LORA, "PINNED", "CONVERTED"],
-                         ids=["no recipe", "LoRA recipe", "pinned", "converted"])
-def test_the_recipe_values_are_those_lightning_cli_parses(recipe, pinned_recipe, converted_recipe, monkeypatch):
+CLASS_KEYS = ["--data.max_length", "4096", "--model.learning_rate=2e-5", "--data.num_proc", "null",
+              "--trainer.precision", "bf16-true", "--trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize(("recipe", "extra"), [(None, []), (RECIPE_LORA, []), ("PINNED", []), ("CONVERTED", []),
+                                               (RECIPE_8B, CLASS_KEYS)],
+                         ids=["no recipe", "LoRA recipe", "pinned", "converted", "class keys"])
+def test_the_recipe_values_are_those_lightning_cli_parses(recipe, extra, pinned_recipe, converted_recipe,
+                                                          monkeypatch):
     """Every value the fast path supplies equals LightningCLI's (classes' defaults, the recipe's values, the
     strategy's arguments, the LoRA fields with their defaults); only the classes plan does not read (callbacks,
     logger) stay as the recipe wrote them."""
@@ -108,6 +121,7 @@ def test_the_recipe_values_are_those_lightning_cli_parses(recipe, pinned_recipe,
     argv = ["plan", "--model", "llama-tiny", "--devices", "2"]
     if recipe:
         argv += ["--config", {"PINNED": pinned_recipe, "CONVERTED": converted_recipe}.get(recipe, recipe)]
+    argv += extra
     assert lightning_cli.main(argv) == 0
     fast = fast_plan.parse(argv, fast_plan.build_parser(), recipe_schema.load_schema())
     slow = parsed[0]
@@ -122,6 +136,8 @@ def test_the_recipe_values_are_those_lightning_cli_parses(recipe, pinned_recipe,
         assert fast.trainer.strategy.init_args.tp_size == 2 and fast.data.batching == "packed"
     if recipe == "CONVERTED":
         assert fast.model.betas == (0.0, 0.5) and fast.model.lora.r == 8 and fast.model.lora.alpha == 16.0
+    if extra:
+        assert fast.data.max_length == 4096 and fast.data.num_proc is None and fast.trainer.precision == "bf16-true"
 
 
 def _class_valued(form) -> bool:
@@ -165,6 +181,24 @@ UNSURE = {  # recipes the fast path leaves to LightningCLI, and what LightningCL
 }
 
 
+COMMAND_LINE_UNSURE = {  # class keys the fast path leaves to LightningCLI, and what it then says (None: it plans)
+    "YAML turns it into a number where text is allowed": (["--trainer.precision", "16"], None),
+    "a class-valued key": (["--trainer.strategy", "ddp"], None),
+    "a dataclass field": (["--model.lora.r", "4"], None),
+    "an unknown key": (["--data.max_lenght", "4"], "error: "),
+    "a value out of range": (["--data.max_length", "0"], "error: "),
+}
+
+
+@pytest.mark.parametrize(("args", "outcome"), COMMAND_LINE_UNSURE.values(), ids=COMMAND_LINE_UNSURE.keys())
+def test_command_line_keys_the_fast_path_is_unsure_of_go_to_lightning_cli(args, outcome, capsys):
+    argv = ["plan", "--model", "llama-3-8b", "--devices", "8", "--gpu", "h100-80gb", *args]
+    assert fast_plan.main(argv) is None
+    status = lightning_cli.main(argv)
+    err = capsys.readouterr().err
+    assert (status == 0) if outcome is None else (status == 2 and err.startswith(outcome))
+
+
 @pytest.mark.parametrize(("text", "outcome"), UNSURE.values(), ids=UNSURE.keys())
 def test_what_the_fast_path_is_unsure_of_goes_to_lightning_cli(text, outcome, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
@@ -182,10 +216,11 @@ def test_what_the_fast_path_is_unsure_of_goes_to_lightning_cli(text, outcome, tm
 @pytest.mark.parametrize(("argv", "fast"), [
     (["plan", "--model", "llama-3-8b", "--devices", "8", "--json", "--plot=p.png", "--cpu_offload", "false"], True),
     (["plan", "--model", "llama-3-8b", "--config", "r.yaml"], True),  # one recipe
+    (["plan", "--model", "llama-3-8b", "--trainer.precision", "bf16-mixed"], True),  # a class key (checked later)
+    (["plan", "--model.model_config=llama-3-8b"], True),
     (["plan", "--config", "r.yaml", "--config", "s.yaml"], False),  # recipes merged: LightningCLI
-    (["plan", "--model", "llama-3-8b", "--trainer.precision", "bf16-mixed"], False),  # a class key
-    (["plan", "--model.model_config", "llama-3-8b"], False),
     (["plan", "--model", "section.yaml"], False),  # the model section's own recipe file
+    (["plan", "--model=section.yml"], False),
     (["plan", "--model", "llama-3-8b", "--verify"], False),  # simulates with torch anyway
     (["plan", "--help"], False),
     (["fit", "--model", "llama-3-8b"], False),

@@ -1,12 +1,12 @@
 """``llama-ft plan`` without Lightning or torch: the same plan as the LightningCLI path, in a fraction of the time.
 
-``plan`` reads only a few recipe values; what LightningCLI would parse from a recipe (or fill in from the classes'
-defaults without one) comes here from ``recipe_schema``, the recipe keys, types and defaults derived from the same
-parser. A command line with at most one ``--config`` recipe, the ``--model NAME`` shorthand and the plan's own
-options is answered here when every key of the recipe is one the parser has and every plain value passes its type;
-anything else (a class key such as ``--trainer.precision``, an unknown key or value, a class the schema does not
-know, ``--help``, ``--verify``, which imports torch anyway, or a Lightning other than the schema's) takes the
-LightningCLI path, which parses it itself.
+``plan`` reads only a few recipe values; what LightningCLI would parse from a recipe and class keys (or fill in from
+the classes' defaults) comes here from ``recipe_schema``, the recipe keys, types and defaults derived from the same
+parser. A command line with at most one ``--config`` recipe, class keys (``--data.max_length 2048``), the ``--model
+NAME`` shorthand and the plan's own options is answered here when every key is one the parser has and every value
+passes its type; anything else (an unknown key or value, a class or dataclass given on the command line, a class
+the schema does not know, several recipes, ``--help``, ``--verify``, which imports torch anyway, or a Lightning
+other than the schema's) takes the LightningCLI path, which parses it itself.
 """
 
 from __future__ import annotations
@@ -42,48 +42,47 @@ def own_options(parser: ArgumentParser) -> set[str]:
 
 
 def split(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """The recipe arguments in command-line order (``("config", FILE)``, ``("model", NAME)``) and the rest."""
+    """The recipe arguments in command-line order and the plan's own options: ``("--config", FILE)``, and
+    ``(KEY, VALUE)`` for a class key (``--data.max_length 2048``) or the ``--model NAME`` shorthand."""
     recipe, rest = [], []
     items = iter(args)
     for arg in items:
         flag, eq, value = arg.partition("=")
-        if flag in plan.SHORTHANDS or flag in CONFIG_FLAGS:
-            recipe.append(("config" if flag in CONFIG_FLAGS else "model", value if eq else next(items, "")))
+        if flag in CONFIG_FLAGS or flag in plan.SHORTHANDS or (flag.startswith("--") and "." in flag):
+            key = plan.SHORTHANDS.get(flag, flag).removeprefix("--")
+            recipe.append(("--config" if flag in CONFIG_FLAGS else key, value if eq else next(items, "")))
         else:
             rest.append(arg)
     return recipe, rest
 
 
 def handles(argv: list[str], parser: ArgumentParser) -> bool:
-    """Whether ``argv`` is ``plan`` with only the plan's own options, at most one ``--config`` and the ``--model
-    NAME`` shorthand (a YAML value there is the model section's recipe, so it is not)."""
+    """Whether ``argv`` is ``plan`` with the plan's own options, at most one ``--config``, class keys and the
+    ``--model NAME`` shorthand (a YAML value there is the model section's recipe, so it is not)."""
     if not argv or argv[0] != "plan":
         return False
     recipe, rest = split(argv[1:])
     allowed = own_options(parser)
-    configs = [value for kind, value in recipe if kind == "config"]
-    models = [value for kind, value in recipe if kind == "model"]
-    return (len(configs) <= 1 and not any(m.endswith((".yaml", ".yml")) for m in models)
+    section_files = [v for k, v in recipe if k == "model.model_config" and v.endswith((".yaml", ".yml"))]
+    return (sum(key == "--config" for key, _ in recipe) <= 1 and not section_files
             and all(arg.partition("=")[0] in allowed for arg in rest if arg.startswith("-")))
 
 
 def read_recipe(recipe: list[tuple[str, str]], schema: recipe_schema.Schema) -> Namespace | None:
     """The recipe sections LightningCLI would parse from these arguments, in their order; None where it must."""
-    config = recipe_schema.defaults(schema)
-    for kind, value in recipe:
-        if kind == "model":
-            config["model.model_config"] = value
+    config: Namespace | None = recipe_schema.defaults(schema)
+    for key, value in recipe:
+        if config is None:
+            return None
+        if key != "--config":
+            config = recipe_schema.read_option(key, value, schema, config)
             continue
         path = Path(value)
         try:  # a regular file only (jsonargparse also takes YAML text here, and a device would never end)
             text = path.read_text(encoding="utf-8") if path.is_file() else None
         except (OSError, ValueError):
             text = None
-        if text is None:
-            return None
-        config = recipe_schema.read_recipe(text, schema, config)
-        if config is None:
-            return None
+        config = None if text is None else recipe_schema.read_recipe(text, schema, config)
     return config
 
 

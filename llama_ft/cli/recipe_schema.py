@@ -81,6 +81,45 @@ def read_recipe(text: str, schema: Schema, base: Namespace) -> Namespace | None:
     return config
 
 
+def read_option(key: str, text: str, schema: Schema, base: Namespace) -> Namespace | None:
+    """``base`` with ``--KEY TEXT`` from the command line set, or None where the LightningCLI path must decide.
+
+    jsonargparse reads ``TEXT`` as YAML, but a type that takes text may keep it as written; so a value YAML changes
+    (``16``, ``null``, ``on``) is taken only for a type that cannot take text."""
+    entry = schema["keys"].get(key)
+    if entry is None or _takes_classes(entry["type"]):
+        return None
+    try:
+        value = get_loader("yaml")(text)
+    except (yaml.YAMLError, ValueError):
+        return None
+    if (value != text and _takes_text(entry["type"])) or not accepts(entry["type"], value):
+        return None
+    config = base.clone()
+    config[key] = as_parsed(entry["type"], value)
+    return config
+
+
+def _takes_text(form: Any) -> bool:
+    text = json.dumps(form)
+    return '"str"' in text or '"path"' in text or any(
+        isinstance(choice, str) for choice in _literal_choices(form))
+
+
+def _literal_choices(form: Any) -> list[Any]:
+    if not isinstance(form, dict):
+        return []
+    if "literal" in form:
+        return form["literal"]
+    return [choice for member in form.get("union", []) for choice in _literal_choices(member)]
+
+
+def _takes_classes(form: Any) -> bool:
+    """Classes or dataclasses: their command-line forms (``class_path``, ``init_args``, ``+=``) are jsonargparse's."""
+    text = json.dumps(form)
+    return '"opaque"' in text or '"dataclass"' in text
+
+
 def _flatten(recipe: dict[str, Any], schema: Schema) -> typing.Iterator[tuple[str | None, Any]]:
     """``(dotted key, value)`` for each value the recipe sets; ``(None, None)`` for one the schema lacks."""
     sections = schema["sections"]
