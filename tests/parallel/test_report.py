@@ -54,6 +54,22 @@ def test_offload_reports_host_memory_per_node_and_so_does_the_smallest_cluster()
                          PlanPins(cpu_offload=True))
 
 
+def test_an_offloaded_plan_names_the_memory_fraction_that_keeps_it_on_the_device():
+    """1B on one 24 GiB device: offloaded at the default fraction; the fraction the report names does plan it on the
+    device, and a plan that does not offload says nothing of it."""
+    model, train = ModelSpec.from_preset("llama-3.2-1b"), TrainSpec(1024, 256, "bf16-mixed", fused_optimizer=True)
+    cluster = ClusterSpec.describe_device(24.0, 165.0, name="rtx-4090")
+    offloaded = plan_parallelism(model, cluster, train)
+    rejection, fraction = report.offload_near_miss(offloaded)
+    assert offloaded.chosen.layout.cpu_offload and not rejection.layout.cpu_offload
+    assert f"memory_fraction {fraction} admits it" in report.format_plan_report(offloaded)
+    assert report.plan_result_to_dict(offloaded)["on_device_at_memory_fraction"]["memory_fraction"] == fraction
+    on_device = plan_parallelism(model, cluster, train, memory_fraction=fraction)
+    assert not on_device.chosen.layout.cpu_offload and report.offload_near_miss(on_device) is None
+    slightly_less = plan_parallelism(model, cluster, train, memory_fraction=fraction - 0.01)
+    assert slightly_less.chosen.layout.cpu_offload  # the fraction named is the smallest (to hundredths) that does
+
+
 def test_verification_heading_says_it_checks_memory_against_a_simulation_not_a_gpu():
     source = Path(report.__file__).read_text()
     assert "not a GPU" in source and "memory only" in source
