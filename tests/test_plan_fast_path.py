@@ -156,12 +156,13 @@ def test_the_recipe_schema_is_what_the_installed_classes_give():
     shipped = recipe_schema.SCHEMA_PATH.read_text()
     assert shipped == recipe_schema.schema_text(recipe_schema.build_schema()), (
         f"{recipe_schema.SCHEMA_PATH.name} is out of date: run {recipe_schema.WRITE_COMMAND}")
-    assert recipe_schema.load_schema() is not None  # derived under the installed Lightning, so it is used
+    assert recipe_schema.load_schema() is not None  # derived under the installed versions, so it is used
 
 
-def test_a_schema_from_another_lightning_is_not_used(tmp_path):
+@pytest.mark.parametrize("package", recipe_schema.DERIVED_FROM)
+def test_a_schema_derived_under_other_versions_is_not_used(package, tmp_path):
     schema = json.loads(recipe_schema.SCHEMA_PATH.read_text())
-    schema["lightning"] = "1.0.0"
+    schema["versions"][package] = "1.0.0"
     other = tmp_path / "schema.json"
     other.write_text(json.dumps(schema))
     assert recipe_schema.load_schema(other) is None

@@ -4,7 +4,8 @@ recipe without importing Lightning or torch.
 The class signatures stay the one source: ``python -m llama_ft.cli.recipe_schema --write`` derives
 ``presets/recipe_schema.json`` from the ``plan`` subcommand's parser (Trainer, ``LlamaFineTuner``,
 ``CNNDailyMailDataModule``, and the advanced strategy's arguments), and a test fails when the file differs from
-what the installed classes give. The file is used only under the Lightning version it was derived from.
+what the installed classes give. The file is used only under the Lightning and jsonargparse versions it was derived
+from (the Trainer's signature is Lightning's; how a signature becomes keys and types is jsonargparse's).
 
 ``read_recipe`` turns a recipe file into the sections the LightningCLI path would parse, or None where it cannot be
 sure they would be the same (an unknown key, a value outside the plain types of ``recipe_types``, a class it does
@@ -30,6 +31,7 @@ from llama_ft.cli.recipe_types import accepts, as_parsed, encode, is_jsonable
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "presets" / "recipe_schema.json"
 WRITE_COMMAND = "python -m llama_ft.cli.recipe_schema --write"
+DERIVED_FROM = ("lightning", "jsonargparse")  # the packages whose versions the schema holds for
 STRATEGY_KEY = "trainer.strategy"  # the one class-valued key plan reads; its known classes are in "strategies"
 Schema = dict[str, Any]
 
@@ -37,13 +39,17 @@ Schema = dict[str, Any]
 # --- reading (torch-free) ----------------------------------------------------------------------------------------
 
 def load_schema(path: Path = SCHEMA_PATH) -> Schema | None:
-    """The schema, if it was derived under the installed Lightning (the Trainer's signature is Lightning's)."""
+    """The schema, if it was derived under the installed versions of the packages it depends on."""
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
-        installed = importlib.metadata.version("lightning")
+        installed = _versions()
     except (OSError, ValueError, importlib.metadata.PackageNotFoundError):
         return None
-    return schema if schema.get("lightning") == installed else None
+    return schema if schema.get("versions") == installed else None
+
+
+def _versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in DERIVED_FROM}
 
 
 def defaults(schema: Schema) -> Namespace:
@@ -172,7 +178,7 @@ def build_schema() -> Schema:
     sections = sorted({key.split(".")[0] for key in keys if "." in key})
     return {
         "generated_by": WRITE_COMMAND,
-        "lightning": importlib.metadata.version("lightning"),
+        "versions": _versions(),
         "sections": sections,
         "keys": keys,
         "strategies": {AdvancedParallelStrategy.__name__: _strategy_entry(AdvancedParallelStrategy)},
