@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 from jsonargparse import Namespace
 
-from llama_ft.cli.recipe_types import accepts, as_parsed, encode, is_jsonable
+from llama_ft.cli.recipe_types import accepts, as_parsed, encode, is_jsonable, takes_classes, takes_text
 from llama_ft.lora import LoraSettings
 from llama_ft.ranges import NonNegativeInt, OpenFraction, PositiveInt
 
@@ -63,3 +63,18 @@ def test_as_parsed_converts_as_jsonargparse_keeps_values():
 
 def test_is_jsonable():
     assert is_jsonable((0.9, 0.999)) and is_jsonable(None) and not is_jsonable(Path("x"))
+
+
+@pytest.mark.parametrize(("hint", "text", "classes"), [
+    (int | None, False, False),
+    (PositiveInt, False, False),
+    (Literal[64, 32, "bf16-mixed"] | None, True, False),  # Lightning's precision: "16" could stay text
+    (list[int] | str | int, True, False),
+    (Path | None, True, False),
+    (LoraSettings | None, True, True),  # its target_modules are strings; the fields are a dataclass's
+    (dict[str, int] | None, False, True),
+])
+def test_what_a_command_line_value_may_mean(hint, text, classes):
+    """A value YAML would change is taken only where no text could be kept; classes are left to jsonargparse."""
+    form = encode(hint)
+    assert takes_text(form) is text and takes_classes(form) is classes

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace, get_loader
 
-from llama_ft.cli.recipe_types import accepts, as_parsed, encode, is_jsonable
+from llama_ft.cli.recipe_types import accepts, as_parsed, encode, is_jsonable, takes_classes, takes_text
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "presets" / "recipe_schema.json"
 WRITE_COMMAND = "python -m llama_ft.cli.recipe_schema --write"
@@ -93,37 +93,17 @@ def read_option(key: str, text: str, schema: Schema, base: Namespace) -> Namespa
     jsonargparse reads ``TEXT`` as YAML, but a type that takes text may keep it as written; so a value YAML changes
     (``16``, ``null``, ``on``) is taken only for a type that cannot take text."""
     entry = schema["keys"].get(key)
-    if entry is None or _takes_classes(entry["type"]):
+    if entry is None or takes_classes(entry["type"]):
         return None
     try:
         value = get_loader("yaml")(text)
     except (yaml.YAMLError, ValueError):
         return None
-    if (value != text and _takes_text(entry["type"])) or not accepts(entry["type"], value):
+    if (value != text and takes_text(entry["type"])) or not accepts(entry["type"], value):
         return None
     config = base.clone()
     config[key] = as_parsed(entry["type"], value)
     return config
-
-
-def _takes_text(form: Any) -> bool:
-    text = json.dumps(form)
-    return '"str"' in text or '"path"' in text or any(
-        isinstance(choice, str) for choice in _literal_choices(form))
-
-
-def _literal_choices(form: Any) -> list[Any]:
-    if not isinstance(form, dict):
-        return []
-    if "literal" in form:
-        return form["literal"]
-    return [choice for member in form.get("union", []) for choice in _literal_choices(member)]
-
-
-def _takes_classes(form: Any) -> bool:
-    """Classes or dataclasses: their command-line forms (``class_path``, ``init_args``, ``+=``) are jsonargparse's."""
-    text = json.dumps(form)
-    return '"opaque"' in text or '"dataclass"' in text
 
 
 def _flatten(recipe: dict[str, Any], schema: Schema) -> typing.Iterator[tuple[str | None, Any]]:

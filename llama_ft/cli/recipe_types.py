@@ -75,6 +75,12 @@ def _is_json_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def _kind(form: dict[str, Any]) -> tuple[str, Any]:
+    """A dict form's kind and argument (a bounded form also holds its bounds)."""
+    kind = next(k for k in ("literal", "union", "list", "tuple", "bounded", "dataclass") if k in form)
+    return kind, form[kind]
+
+
 def is_jsonable(value: Any) -> bool:
     """Whether a default survives a JSON round trip unchanged (tuples become lists, which YAML gives anyway)."""
     try:
@@ -88,7 +94,7 @@ def accepts(form: TypeForm, value: Any) -> bool:
     ``"opaque"`` is not checked here and always passes."""
     if isinstance(form, str):
         return _accepts_plain(form, value)
-    kind, arg = next(iter(form.items()))
+    kind, arg = _kind(form)
     if kind == "literal":
         return any(type(value) is type(choice) and value == choice for choice in arg)
     if kind == "union":
@@ -115,7 +121,7 @@ def as_parsed(form: TypeForm, value: Any) -> Any:
         return float(value)
     if not isinstance(form, dict):
         return value
-    kind, arg = next(iter(form.items()))
+    kind, arg = _kind(form)
     if kind == "union":
         return as_parsed(next(member for member in arg if accepts(member, value)), value)
     if kind == "list":
@@ -126,6 +132,30 @@ def as_parsed(form: TypeForm, value: Any) -> Any:
         return Namespace(**{name: as_parsed(field["type"], value.get(name, field["default"]))
                             for name, field in arg.items()})
     return value
+
+
+def members(form: TypeForm) -> list[TypeForm]:
+    """The form and every form inside it (union members, list items, tuple items, dataclass fields)."""
+    found = [form]
+    if isinstance(form, dict):
+        kind, arg = _kind(form)
+        inner = {"union": lambda: arg, "list": lambda: [arg], "tuple": lambda: arg,
+                 "dataclass": lambda: [field["type"] for field in arg.values()]}.get(kind, lambda: [])()
+        for item in inner:
+            found += members(item)
+    return found
+
+
+def takes_text(form: TypeForm) -> bool:
+    """Whether a string may be kept as written (``str``, a path, or a literal string)."""
+    return any(m in ("str", "path") or (isinstance(m, dict) and any(isinstance(c, str) for c in m.get("literal", [])))
+               for m in members(form))
+
+
+def takes_classes(form: TypeForm) -> bool:
+    """Whether the type names classes or a dataclass, whose spellings (``class_path``, nested keys) are
+    jsonargparse's."""
+    return any(m == "opaque" or (isinstance(m, dict) and "dataclass" in m) for m in members(form))
 
 
 def _accepts_plain(name: str, value: Any) -> bool:
