@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 
 from llama_ft.cli import fast_plan, lightning_cli, plan, recipe_schema
-from llama_ft.parallel.planning.specs import TRAINER_PRECISION
+from llama_ft.parallel.planning.specs import TRAINER_PRECISION, no_cuda_driver
 from llama_ft.presets import DEFAULT_RECIPE
 from tests.helpers import REPO_ROOT
 
@@ -245,6 +245,19 @@ def test_every_entry_point_plans_without_importing_torch(entry):
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "llama_ft" in imported and not imported & set(HEAVY)
+
+
+@pytest.mark.timeout(120)
+def test_planning_for_this_machine_imports_torch_only_where_a_cuda_driver_may_be():
+    """No ``--gpu``: the device is detected. Without a CUDA driver that needs no torch (it is a CPU); with one,
+    torch says which GPU it is."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "main.py", "plan", "--config", RECIPE_8B, "--json"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert ("torch" in imported) is not no_cuda_driver()
+    if no_cuda_driver():
+        assert json.loads(proc.stdout)["cluster"]["accelerator"] == "cpu"
 
 
 def test_a_model_config_that_leaves_out_a_size_is_refused_in_one_line(tmp_path, capsys):

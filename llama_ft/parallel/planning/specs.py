@@ -7,6 +7,7 @@ without touching a GPU or building the model.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,19 @@ class ClusterSpec:
         )
 
 
+def no_cuda_driver() -> bool:
+    """Whether this machine surely has no CUDA driver, known without importing torch (seconds): macOS, or Linux with
+    neither NVIDIA's kernel driver (``/proc/driver/nvidia``) nor WSL's GPU device (``/dev/dxg``)."""
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not any(
+        Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/dxg"))
+
+
 def _detect_accelerator_name() -> str | None:
     """Table name of the local device: ``cpu`` without CUDA, None for a GPU the table does not know."""
+    if no_cuda_driver():
+        return "cpu"
     import torch
 
     if not torch.cuda.is_available():
