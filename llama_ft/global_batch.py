@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from llama_ft.errors import ConfigError
 
+HINT_LIMIT = 64  # micro-batch sizes an error message lists, at most
+
 
 def grad_accumulation(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
     """Gradient-accumulation steps that keep ``global_batch_size`` samples per optimizer step.
@@ -17,9 +19,9 @@ def grad_accumulation(global_batch_size: int, micro_batch_size: int, dp_size: in
         )
     per_step = micro_batch_size * dp_size
     if global_batch_size % per_step:
-        fitting = [b for b in range(1, global_batch_size // dp_size + 1) if global_batch_size % (b * dp_size) == 0]
+        fitting = valid_micro_batch_sizes(global_batch_size, dp_size, up_to=HINT_LIMIT)
         hint = (
-            f"micro-batch sizes that divide it: {fitting}"
+            f"micro-batch sizes up to {HINT_LIMIT} that divide it: {fitting}"
             if fitting
             else f"no micro-batch divides it; use a global batch that is a multiple of {dp_size}"
         )
@@ -31,6 +33,10 @@ def grad_accumulation(global_batch_size: int, micro_batch_size: int, dp_size: in
     return global_batch_size // per_step
 
 
-def valid_micro_batch_sizes(global_batch_size: int, dp_size: int) -> list[int]:
-    """Micro-batch sizes for which ``grad_accumulation`` is exact."""
-    return [b for b in range(1, global_batch_size // dp_size + 1) if global_batch_size % (b * dp_size) == 0]
+def valid_micro_batch_sizes(global_batch_size: int, dp_size: int, up_to: int) -> list[int]:
+    """Micro-batch sizes up to ``up_to`` for which ``grad_accumulation`` is exact: the divisors of the global batch's
+    share per replica (bounded, so any global batch a recipe may hold is answered at once)."""
+    if global_batch_size % dp_size:
+        return []
+    per_replica = global_batch_size // dp_size
+    return [b for b in range(1, min(up_to, per_replica) + 1) if per_replica % b == 0]

@@ -8,11 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from llama_ft.errors import PlanError
+from llama_ft.errors import ConfigError, PlanError
+from llama_ft.global_batch import grad_accumulation
 from llama_ft.parallel.layout import Layout
+from llama_ft.parallel.planning.coefficients import DEFAULT_COEFFICIENTS
 from llama_ft.parallel.planning.planner import (
     NothingFitsError,
     PlanPins,
+    fits_on_some_cluster,
     plan_parallelism,
     rank_plans,
     smallest_fitting_cluster,
@@ -123,6 +126,26 @@ def test_pinned_micro_batch_that_does_not_divide_the_global_batch_is_refused():
     message = str(err.value)
     assert "micro_batch_size=3" in message and "256" in message
     assert "[1, 2, 4, 8, 16, 32" in message
+
+
+@pytest.mark.timeout(60)  # the enumeration was linear in the global batch: a typo of extra zeros hung for minutes
+def test_a_huge_global_batch_plans_at_once_and_a_bad_micro_batch_lists_a_bounded_choice():
+    huge = 10**21
+    result = plan_parallelism(model("llama-3-8b"), h100(1), replace(RECIPE, global_batch_size=huge))
+    chosen = result.chosen
+    assert chosen.micro_batch_size * chosen.grad_accumulation * chosen.layout.dp_size == huge
+    with pytest.raises(ConfigError, match=r"micro-batch sizes up to 64 that divide it: \[1, 2, 4, 5, 8, 10,"):
+        grad_accumulation(huge, 3, 8)
+
+
+@pytest.mark.timeout(60)  # the search walked every node count up to the global batch: a minute at 100,000
+def test_a_step_no_cluster_can_hold_is_answered_at_once():
+    """The unshardable part (activations of one micro-batch under full checkpointing) exceeds the device."""
+    impossible = TrainSpec(seq_len=1_000_000, global_batch_size=100_000, precision="bf16-mixed")
+    assert smallest_fitting_cluster(model("llama-3-8b"), h100(1), impossible) is None
+    assert not fits_on_some_cluster(model("llama-3-8b"), h100(1), impossible, PlanPins(), 72 * GiB,
+                                    DEFAULT_COEFFICIENTS)
+    assert fits_on_some_cluster(model("llama-3.1-405b"), h100(1), RECIPE, PlanPins(), 72 * GiB, DEFAULT_COEFFICIENTS)
 
 
 def test_pinned_dp_shard_that_cannot_split_the_world_is_refused():

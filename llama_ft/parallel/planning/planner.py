@@ -23,6 +23,8 @@ from llama_ft.parallel.planning.units import GiB, readable_count
 # torchtitan's published max_reserved memory ran 10-13% above this model's prediction of its step (tensors +
 # allowance; benchmarks/results/planner_vs_published.md, the two rows with memory), so a tenth is held back.
 DEFAULT_MEMORY_FRACTION = 0.9
+MAX_SEARCH_NODES = 16_384  # the smallest-cluster search stops here: 131,072 devices of 8 per node
+ENDLESS_SHARDS = 2**40  # a shard group so large that sharded states round to nothing
 MAX_MICRO_BATCH = 64  # beyond this, throughput no longer improves and memory never fits for real models
 NEAR_TIE = 0.03  # plans within 3% of the best predicted tokens/s count as equally fast
 KIND_ORDER = {"single": 0, "DDP": 1, "FSDP": 2, "HSDP": 3, "TP": 4, "2D": 5}
@@ -155,7 +157,7 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None = None) -> 
     """Micro-batches that keep the global batch exact: the pinned one if it does, else all up to the cap."""
     if pinned is not None:
         return [pinned] if pinned >= 1 and global_batch % (pinned * dp) == 0 else []
-    return [b for b in valid_micro_batch_sizes(global_batch, dp) if b <= MAX_MICRO_BATCH]
+    return valid_micro_batch_sizes(global_batch, dp, up_to=MAX_MICRO_BATCH)
 
 
 # =============================================================================================================
@@ -213,7 +215,7 @@ def _check_micro_batch_pin(shapes: list[tuple[int, int, int]], pins: PlanPins, t
     dps = sorted({r * s for r, s, t in shapes if _shape_matches((r, s, t), pins)})
     if b is not None and b >= 1 and any(train.global_batch_size % (b * dp) == 0 for dp in dps):
         return
-    valid = sorted({m for dp in dps for m in valid_micro_batch_sizes(train.global_batch_size, dp)})
+    valid = sorted({m for dp in dps for m in valid_micro_batch_sizes(train.global_batch_size, dp, MAX_MICRO_BATCH)})
     raise PlanError(
         f"micro_batch_size={b} does not divide the global batch {train.global_batch_size} for any allowed "
         f"data-parallel size {dps} (global batch must be a multiple of micro-batch × data-parallel size); valid "
@@ -385,16 +387,41 @@ def smallest_fitting_cluster_and_host(
     model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins | None = None,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION, coeffs: CostCoefficients = DEFAULT_COEFFICIENTS,
 ) -> tuple[ClusterSpec, float] | None:
-    """``smallest_fitting_cluster`` and the host bytes per device its cheapest fit needs (0: no CPU offload)."""
+    """``smallest_fitting_cluster`` and the host bytes per device its cheapest fit needs (0: no CPU offload).
+
+    Answered at once when even a device of an endless cluster would not hold the step (``fits_on_some_cluster``);
+    the upward search stops at ``MAX_SEARCH_NODES``."""
     pins = pins or PlanPins()
     usable = memory_fraction * cluster.device_memory_bytes
-    max_devices = train.global_batch_size * cluster.devices_per_node
-    for nodes in range(cluster.nodes + 1, max(cluster.nodes, math.ceil(max_devices / cluster.devices_per_node)) + 1):
+    if not fits_on_some_cluster(model, cluster, train, pins, usable, coeffs):
+        return None
+    max_nodes = min(MAX_SEARCH_NODES, train.global_batch_size * cluster.devices_per_node)
+    for nodes in range(cluster.nodes + 1, max_nodes + 1):
         candidate = replace(cluster, nodes=nodes)
         host = fits_somewhere(model, candidate, train, pins, usable, coeffs)
         if host is not None:
             return candidate, host
     return None
+
+
+def fits_on_some_cluster(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: PlanPins, usable: float,
+                         coeffs: CostCoefficients) -> bool:
+    """Whether a device of this kind could hold the step on a cluster of any size: its states sharded over
+    ``ENDLESS_SHARDS`` devices (or the pinned shard group), tensor parallel within a node, the least-memory
+    settings. What is left (activations, working weights, buffers) no cluster size shrinks."""
+    one_node = replace(cluster, nodes=1)
+    tps = [pins.tp_size] if pins.tp_size else valid_tp_sizes(model, one_node)
+    offloads = [pins.cpu_offload] if pins.cpu_offload is not None else [False, True]
+    mode = pins.activation_checkpointing or "full"
+    shard = pins.dp_shard_size or ENDLESS_SHARDS
+    for tp in tps:
+        if lora_excludes(train, tp):
+            continue
+        for offload in offloads:
+            layout = Layout(pins.dp_replicate_size or 1, shard, tp, mode, offload)
+            if estimate_memory(model, train, layout, pins.micro_batch_size or 1, coeffs).total <= usable:
+                return True
+    return False
 
 
 def _nothing_fits_message(
