@@ -135,6 +135,8 @@ CASES = [
     ("validate-null-highlights", ["validate", "--data.dataset={user}/null_validation", *FIT_BASE],
      "every validation row of"),
     ("fit-blank-articles", ["fit", "--data.dataset={user}/blank_train", *FIT_BASE], "every train row of"),
+    ("fit-global-batch-over-data", ["fit", "--data.dataset={user}/good_data", *FIT_BASE, "--data.global_batch_size=8"],
+     "data.global_batch_size=8 is larger than the 4 training examples"),
     # checkpoints handed to the Trainer
     ("fit-truncated-ckpt", ["fit", "--data.dataset={user}/good_data", "--ckpt_path={user}/truncated.ckpt", *FIT_BASE],
      "truncated.ckpt"),

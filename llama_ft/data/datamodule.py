@@ -283,6 +283,13 @@ class CNNDailyMailDataModule(L.LightningDataModule):
         Lightning's own ``GradientAccumulationScheduler`` sets ``accumulate_grad_batches``.
         """
         trainer = self.trainer
+        examples = len(self.splits["train"])
+        if self.global_batch_size > examples:  # Lightning would step at each epoch's end on fewer, silently
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size} is larger than the {examples} training examples of "
+                f"{self.dataset!r}: no optimizer step could see a whole global batch. Use at most {examples}, or more "
+                "data (data.max_examples_per_split, if set, limits it)."
+            )
         micro_batch_size, replicas, _ = self._layout()
         accumulation = grad_accumulation(self.global_batch_size, micro_batch_size, replicas)
         trainer.accumulate_grad_batches = accumulation
