@@ -184,7 +184,7 @@ def synthetic_batches(setup: Setup, vocab_size: int) -> list[dict[str, Any]]:
 
 
 class SyntheticTokens(L.LightningDataModule):
-    """The attributes the ``advanced`` strategy plans from (sequence length, global batch, micro-batch)."""
+    """What the ``advanced`` strategy plans from (``PlannableData``: sequence length, global batch, ``apply_plan``)."""
 
     def __init__(self, batches: list[dict[str, Any]], setup: Setup) -> None:
         super().__init__()
@@ -192,6 +192,12 @@ class SyntheticTokens(L.LightningDataModule):
         self.max_length = setup.seq_len
         self.global_batch_size = setup.micro_batch
         self.micro_batch_size = setup.micro_batch
+
+    def apply_plan(self, micro_batch_size: int, data_parallel_size: int) -> None:
+        """The strategy's plan; the layout is pinned to one device at this micro-batch, so it must be that one."""
+        if (micro_batch_size, data_parallel_size) != (self.micro_batch_size, 1):
+            raise RuntimeError(f"planned micro-batch {micro_batch_size} × {data_parallel_size} replicas; the run is "
+                               f"pinned to {self.micro_batch_size} × 1")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches, batch_size=None, collate_fn=lambda batch: batch)
