@@ -15,7 +15,8 @@ import lightning as L
 import pytest
 
 from llama_ft.cli import fast_plan, lightning_cli, plan, recipe_schema
-from llama_ft.parallel.planning.specs import TRAINER_PRECISION, no_cuda_driver
+from llama_ft.parallel.planning.accelerators import no_cuda_driver
+from llama_ft.parallel.planning.specs import TRAINER_PRECISION
 from llama_ft.presets import DEFAULT_RECIPE
 from tests.helpers import REPO_ROOT
 

@@ -19,9 +19,9 @@ from llama_ft.parallel.planning.planner import (
     plan_parallelism,
     rank_plans,
     smallest_fitting_cluster,
-    valid_tp_sizes,
 )
 from llama_ft.parallel.planning.report import format_plan_report, format_verification, plan_result_to_dict
+from llama_ft.parallel.planning.shapes import valid_tp_sizes
 from llama_ft.parallel.planning.specs import ClusterSpec, ModelSpec, TrainSpec
 from llama_ft.parallel.planning.units import GiB
 from llama_ft.parallel.planning.verify import MAX_EXTRA_SIMULATIONS, verify_plan

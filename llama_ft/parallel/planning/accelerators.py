@@ -8,7 +8,9 @@ planner's usable fraction is taken.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from llama_ft.errors import ConfigError
 from llama_ft.parallel.planning.units import GIGA, TERA, GiB, MiB
@@ -122,3 +124,25 @@ def match_device_name(device_name: str, memory_bytes: int | None = None) -> Acce
         if pattern in lowered and (memory_bytes is None or memory_gib >= min_gib):
             return ACCELERATORS[key]
     return None
+
+
+def no_cuda_driver() -> bool:
+    """Whether this machine surely has no CUDA driver, known without importing torch (seconds): macOS, or Linux with
+    neither NVIDIA's kernel driver (``/proc/driver/nvidia``) nor WSL's GPU device (``/dev/dxg``)."""
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not any(
+        Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/dxg"))
+
+
+def detect_accelerator_name() -> str | None:
+    """Table name of the local device: ``cpu`` without CUDA, None for a GPU the table does not know."""
+    if no_cuda_driver():
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    props = torch.cuda.get_device_properties(0)
+    match = match_device_name(props.name, props.total_memory)
+    return match.name if match else None

@@ -7,13 +7,12 @@ without touching a GPU or building the model.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llama_ft.errors import ConfigError
-from llama_ft.parallel.planning.accelerators import get_accelerator, match_device_name
+from llama_ft.parallel.planning.accelerators import detect_accelerator_name, get_accelerator
 from llama_ft.parallel.planning.units import GIGA, TERA, GiB, readable_count
 
 # Share of a NIC's line rate ring collectives reach: 400 Gb/s InfiniBand gives ~45 GB/s of nccl-tests bus bandwidth.
@@ -272,7 +271,7 @@ class ClusterSpec:
     @classmethod
     def detect(cls, num_nodes: int, devices_per_node: int, accelerator_override: str | None = None) -> ClusterSpec:
         """The cluster this process runs on; node and device counts come from the launcher (SLURM, Lightning)."""
-        name = accelerator_override or _detect_accelerator_name()
+        name = accelerator_override or detect_accelerator_name()
         if name is not None:
             return cls.from_accelerator(name, num_nodes, devices_per_node)
         return _describe_unknown_cuda_device(num_nodes, devices_per_node)
@@ -287,28 +286,6 @@ class ClusterSpec:
             f"{self.device_memory_bytes / GiB:.1f} GiB, {self.peak_flops / TERA:.0f} TFLOP/s bf16 each; links "
             f"{self.intra_node_bandwidth / GIGA:.0f} GB/s in a node, {across})"
         )
-
-
-def no_cuda_driver() -> bool:
-    """Whether this machine surely has no CUDA driver, known without importing torch (seconds): macOS, or Linux with
-    neither NVIDIA's kernel driver (``/proc/driver/nvidia``) nor WSL's GPU device (``/dev/dxg``)."""
-    if sys.platform == "darwin":
-        return True
-    return sys.platform.startswith("linux") and not any(
-        Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/dxg"))
-
-
-def _detect_accelerator_name() -> str | None:
-    """Table name of the local device: ``cpu`` without CUDA, None for a GPU the table does not know."""
-    if no_cuda_driver():
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    props = torch.cuda.get_device_properties(0)
-    match = match_device_name(props.name, props.total_memory)
-    return match.name if match else None
 
 
 # Rough dense bf16 peaks by CUDA compute capability, for GPUs missing from the table.
