@@ -129,14 +129,9 @@ def _strategy(value: Any, schema: Schema) -> Namespace | None:
         class_path = strategy["class_paths"].get(value.get("class_path"))
         if class_path is None:
             continue
-        given = value.get("init_args") or {}
-        arguments = strategy["init_args"]
-        if not isinstance(given, dict) or not all(k in arguments and accepts(arguments[k]["type"], v)
-                                                  for k, v in given.items()):
-            return None
-        init_args = {k: as_parsed(entry["type"], given[k] if k in given else entry["default"])
-                     for k, entry in arguments.items() if k in given or "default" in entry}
-        return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+        given, arguments = value.get("init_args") or {}, {"dataclass": strategy["init_args"]}  # fields, as a form
+        return Namespace(class_path=class_path, init_args=as_parsed(arguments, given)) if accepts(
+            arguments, given) else None
     return None
 
 

@@ -115,8 +115,9 @@ def accepts(form: TypeForm, value: Any) -> bool:
 
 
 def as_parsed(form: TypeForm, value: Any) -> Any:
-    """An accepted value as jsonargparse keeps it: floats as floats, tuples as tuples, a dataclass as a Namespace of
-    all its fields (defaults filled); a union converts as its first member that accepts the value."""
+    """An accepted value as jsonargparse keeps it: floats as floats, tuples as tuples, a dataclass (or a class's
+    ``init_args``) as a Namespace of its fields, defaults filled; a union converts as its first member that accepts
+    the value."""
     if form == "float" or (isinstance(form, dict) and form.get("bounded") == "float"):
         return float(value)
     if not isinstance(form, dict):
@@ -128,9 +129,9 @@ def as_parsed(form: TypeForm, value: Any) -> Any:
         return [as_parsed(arg, item) for item in value]
     if kind == "tuple":
         return tuple(map(as_parsed, arg, value))
-    if kind == "dataclass":
-        return Namespace(**{name: as_parsed(field["type"], value.get(name, field["default"]))
-                            for name, field in arg.items()})
+    if kind == "dataclass":  # a field without a JSON default (and not given) is left out
+        return Namespace(**{name: as_parsed(field["type"], value[name] if name in value else field["default"])
+                            for name, field in arg.items() if name in value or "default" in field})
     return value
 
 
